@@ -1,0 +1,1 @@
+"""effx/pallas_kernels."""
