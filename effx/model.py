@@ -146,6 +146,7 @@ class DecoderLM(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   def __post_init__(self):
+    object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))  # hashable for jit
     if self.vocab_size <= 0:
       raise ValueError(f"model.vocab_size: got {self.vocab_size}; must be > 0")
     if self.embed_dim <= 0:
@@ -158,6 +159,11 @@ class DecoderLM(nn.Module):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"model.remat_policy: got {self.remat_policy!r}; allowed: "
                        f"{sorted(REMAT_POLICIES)}")
+    for factory in self.layer_pattern:  # widths the attention kinds cannot split
+      attention = factory(parent=None).make_attention(parent=None)
+      check = getattr(attention, "resolved_head_dim", None)
+      if check is not None:
+        check(self.embed_dim)
     super().__post_init__()
 
   @property

@@ -194,7 +194,7 @@ class Trainer:
   def init_state(self) -> TrainState:
     """Fresh parameters and optimizer state, laid out on the mesh."""
     init = jax.jit(lambda k: nn.unbox(self._init_boxed(k)), out_shardings=self.state_sharding)
-    with jax.sharding.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return init(self.base_key)
 
   def _forward(self, params, model_state, batch, key):
@@ -257,13 +257,13 @@ class Trainer:
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step on a host batch (dict of [batch, seq] arrays)."""
-    with jax.sharding.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._train_step(state, self._device_batch(batch))
 
   def evaluate(self, state: TrainState, batches: Iterable[Batch]) -> dict[str, float]:
     """Token-weighted eval loss (nats per token) and accuracy over `batches`."""
     nll = correct = tokens = 0.0
-    with jax.sharding.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       for batch in batches:
         out = jax.device_get(self._eval_step(state, self._device_batch(batch)))
         nll, correct, tokens = nll + out["nll"], correct + out["correct"], tokens + out["tokens"]
@@ -272,7 +272,7 @@ class Trainer:
 
   def step_flops(self, state: TrainState, batch: Batch) -> float:
     """FLOPs of one train step (XLA cost analysis; analytic 6N+attention estimate otherwise)."""
-    with jax.sharding.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       compiled = self._train_step.lower(state, self._device_batch(batch)).compile()
     flops = perf.compiled_flops(compiled)
     if flops is None:

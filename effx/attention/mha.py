@@ -125,12 +125,17 @@ class MultiHeadAttention(nn.Module):
                           dtype or self.dtype)
 
   def _project(self, x: jax.Array, heads: int, head_axis: str, name: str) -> jax.Array:
+    """x [batch, T, embed] -> [batch, T, heads, head_dim] with kernel [embed, heads, head_dim]."""
     head_dim = self.resolved_head_dim(x.shape[-1])
-    return nn.DenseGeneral(
-        (heads, head_dim), use_bias=self.use_qkv_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=partitioned(fan_in_normal(), ("embed", head_axis, "head_dim")),
-        bias_init=partitioned(nn.initializers.zeros, (head_axis, "head_dim")), name=name)(x)
+    kernel = self.param(f"{name}_kernel",
+                        partitioned(fan_in_normal(), ("embed", head_axis, "head_dim")),
+                        (x.shape[-1], heads, head_dim), self.param_dtype)
+    y = jnp.einsum("bte,ehd->bthd", x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_qkv_bias:
+      bias = self.param(f"{name}_bias", partitioned(nn.initializers.zeros, (head_axis, "head_dim")),
+                        (heads, head_dim), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, *, segment_ids: jax.Array | None = None,
@@ -149,11 +154,10 @@ class MultiHeadAttention(nn.Module):
       new_cache = None
     else:
       out, new_cache = self._attend_cache(q, k, v, positions, cache, new_token_mask)
-    y = nn.DenseGeneral(
-        x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=partitioned(fan_in_normal(), ("heads", "head_dim", "embed")),
-        name="out")(out)
+    out_kernel = self.param("out_kernel",
+                            partitioned(fan_in_normal(), ("heads", "head_dim", "embed")),
+                            (self.num_heads, out.shape[-1], x.shape[-1]), self.param_dtype)
+    y = jnp.einsum("bthd,hde->bte", out.astype(self.dtype), out_kernel.astype(self.dtype))
     return y, new_cache
 
   def _attend_sequence(self, q, k, v, positions, segment_ids):

@@ -1,1 +1,5 @@
-"""experiments/configs."""
+"""Experiment configs (plain functions returning `fdl.Config[Experiment]`) and fiddlers."""
+
+from experiments.configs.lm import lm_1b, lm_small, lm_tiny, with_remat, with_bf16, with_mesh
+
+__all__ = ["lm_tiny", "lm_small", "lm_1b", "with_remat", "with_bf16", "with_mesh"]

@@ -1,0 +1,159 @@
+r"""effx launcher: `python -m experiments.main --config config:lm_tiny --workdir DIR --mode MODE`.
+
+Configs are fiddle: `--config config:NAME` picks a function of experiments.configs,
+`--config fiddler:NAME(arg=...)` applies a fiddler, `--config set:path.to.field=VALUE` sets a
+field to a Python literal. The final config is printed and written to DIR/config.json.
+
+Modes:
+  main      train (resuming if DIR has checkpoints), evaluate, complete a prompt, print a summary
+  train     train only
+  eval      evaluate the newest checkpoint
+  generate  complete `generate.prompt` with the newest checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+import fiddle as fdl
+from fiddle import absl_flags as fdl_flags
+
+from experiments import configs
+
+MODES = ("main", "train", "eval", "generate")
+
+_CONFIG = fdl_flags.DEFINE_fiddle_config(
+    "config", help_string="Experiment config: config:NAME, fiddler:NAME(...), set:a.b=VALUE.",
+    default_module=configs)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, config).")
+_MODE = flags.DEFINE_enum("mode", "main", MODES, "What to do.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (coordinator from the JAX_* "
+    "environment variables or the cluster's own, e.g. Cloud TPU / SLURM).")
+
+
+class ConfigError(ValueError):
+  """A config problem reported as one line before any compute."""
+
+
+def build_experiment(cfg: fdl.Config):
+  """Builds the experiment, turning any construction error into a one-line ConfigError."""
+  try:
+    return fdl.build(cfg)
+  except Exception as err:  # fiddle wraps the field's own ValueError/TypeError
+    root = err
+    while root.__cause__ is not None or root.__context__ is not None:
+      nxt = root.__cause__ or root.__context__
+      if not isinstance(nxt, Exception):
+        break
+      root = nxt
+    message = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+    raise ConfigError(message) from err
+
+
+def config_json(cfg: fdl.Config) -> str:
+  """Readable JSON of the final config (fiddle serialization)."""
+  from fiddle.experimental import serialization
+  return json.dumps(json.loads(serialization.dump_json(cfg)), indent=2, sort_keys=True)
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates the workdir and checks it is writable; one-line error otherwise."""
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as err:
+    raise ConfigError(f"workdir: {workdir!r} is not writable ({err.strerror})") from err
+  return workdir
+
+
+def run(cfg: fdl.Config, workdir: str, mode: str) -> dict:
+  """Runs `mode` for the experiment config `cfg` in `workdir`; returns a summary dict."""
+  import jax
+  import numpy as np
+  from effx.data import ByteTokenizer, make_eval_batches
+  from effx.decoding.generate import generate, pad_prompts
+  from effx.train import Trainer, restore_params, train
+
+  exp = build_experiment(cfg)
+  workdir = prepare_workdir(workdir)
+  text = config_json(cfg)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(text)
+  print(f"effx experiment {exp.name!r} in {workdir}\n{fdl.printing.as_str_flattened(cfg)}",
+        flush=True)
+  summary: dict = {"experiment": exp.name, "workdir": workdir}
+  started = time.perf_counter()
+  if mode in ("main", "train"):
+    result = train(exp.model, exp.train, exp.mesh, exp.data, workdir)
+    state = result.state
+    summary.update(steps=result.steps_done, resumed_from=result.resumed_from,
+                   stopped_by=result.stopped_by, tokens_per_second=round(result.tokens_per_second),
+                   mfu=None if result.mfu is None else round(result.mfu, 4), **result.eval)
+  else:
+    state = restore_params(exp.model, exp.train, exp.mesh, exp.data.seq_len,
+                           exp.data.batch_size, workdir)
+  if mode == "eval":
+    trainer = Trainer(exp.model, exp.train, exp.mesh, exp.data.seq_len, exp.data.batch_size)
+    summary.update(trainer.evaluate(state, make_eval_batches(exp.data)))
+  if mode in ("main", "generate") and summary.get("stopped_by") != "sigterm":
+    tok = ByteTokenizer()
+    prompt = np.concatenate([[tok.BOS_ID], tok.encode(exp.generate.prompt)])
+    prompts, lengths = pad_prompts([prompt])
+    variables = {"params": state.params, **state.model_state}
+    t0 = time.perf_counter()
+    out = generate(exp.model, variables, prompts, lengths,
+                   max_new_tokens=exp.generate.max_new_tokens, max_len=exp.generate.max_len,
+                   sampling=exp.generate.sampling, key=jax.random.key(exp.generate.seed),
+                   eos_id=tok.EOS_ID)
+    tokens = np.asarray(out.tokens[0, :int(out.lengths[0])])
+    summary["generate_seconds"] = round(time.perf_counter() - t0, 2)
+    summary["completion"] = exp.generate.prompt + tok.decode(tokens)
+  summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+  return summary
+
+
+def print_summary(summary: dict) -> None:
+  completion = summary.pop("completion", None)
+  print("\n==== effx summary ====")
+  for key, value in summary.items():
+    print(f"{key:>20}: {value}")
+  if "eval_loss" in summary:
+    print(f"{'':>20}  (eval loss is nats per byte: byte-level tokens)")
+  wd = summary["workdir"]
+  print(f"{'checkpoints':>20}: {os.path.join(wd, 'checkpoints')}")
+  print(f"{'tensorboard':>20}: tensorboard --logdir {os.path.join(wd, 'tensorboard')}")
+  if completion is not None:
+    print("---- completion ----\n" + completion + "\n--------------------")
+
+
+def main(argv: list[str]) -> None:
+  logging.set_verbosity(logging.WARNING)  # orbax/grain INFO lines drown the progress display
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None:
+    sys.exit("effx: --workdir is required")
+  try:
+    cfg = _CONFIG.value
+    if cfg is None:
+      raise ConfigError("config: none given; use --config config:lm_tiny (see experiments/configs)")
+    if _DISTRIBUTED.value:
+      from effx.sharding import initialize_distributed
+      initialize_distributed()
+    summary = run(cfg, _WORKDIR.value, _MODE.value)
+  except ConfigError as err:
+    sys.exit(f"effx: config error: {err}")
+  print_summary(summary)
+
+
+if __name__ == "__main__":
+  app.run(main)
