@@ -1,0 +1,1 @@
+"""Runnable benchmarks; each appends a section to BENCHMARKS.md."""
