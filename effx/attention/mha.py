@@ -23,7 +23,8 @@ def cache_attention_mask(start: jax.Array, max_len: int, new_token_mask: jax.Arr
     start: int32 [batch] cache length before the new tokens were written.
     max_len: number of cache slots.
     new_token_mask: bool [batch, T, T] which new tokens see which (causal or a tree).
-    static_mask: the layer's static pattern (e.g. a sliding window), applied to old slots.
+    static_mask: the layer's static pattern (e.g. a sliding window), applied to old slots and
+      new tokens alike (a new token's key position is its entry in `q_pos`).
     q_pos: int32 [batch, T] positions of the new tokens.
 
   Returns:
@@ -38,10 +39,10 @@ def cache_attention_mask(start: jax.Array, max_len: int, new_token_mask: jax.Arr
                             axis=2) & in_new[:, None, :]
   allowed = (old & jnp.ones_like(new)) | new  # [b, T, L]
   allowed = allowed[:, None]
-  if static_mask is not None:
-    kv_pos = jnp.broadcast_to(slots, (start.shape[0], max_len))
-    pattern = static_mask(q_pos, kv_pos)
-    allowed = allowed & (pattern | ~old[:, None])
+  if static_mask is not None:  # old slot j holds position j; new slots hold their q_pos
+    new_pos = jnp.take_along_axis(q_pos, jnp.clip(offset, 0, t - 1), axis=1)
+    kv_pos = jnp.where(in_new, new_pos, slots[None, :])
+    allowed = allowed & static_mask(q_pos, kv_pos)
   return allowed
 
 
