@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -93,6 +95,8 @@ class MultiHeadAttention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
+  _impls: ClassVar[tuple[str, ...]] = IMPLS  # subclasses with more paths extend this
+
   def __post_init__(self):
     if self.num_heads <= 0:
       raise ValueError(f"attention.num_heads: got {self.num_heads}; must be > 0")
@@ -100,8 +104,8 @@ class MultiHeadAttention(nn.Module):
     if kv <= 0 or self.num_heads % kv:
       raise ValueError(f"attention.num_kv_heads: got {kv}; must be > 0 and divide "
                        f"num_heads={self.num_heads}")
-    if self.impl not in IMPLS:
-      raise ValueError(f"attention.impl: got {self.impl!r}; allowed: {list(IMPLS)}")
+    if self.impl not in self._impls:
+      raise ValueError(f"attention.impl: got {self.impl!r}; allowed: {list(self._impls)}")
     if self.head_dim is not None and self.head_dim <= 0:
       raise ValueError(f"attention.head_dim: got {self.head_dim}; must be > 0")
     super().__post_init__()
@@ -125,28 +129,44 @@ class MultiHeadAttention(nn.Module):
     return KVCache.create(batch, max_len, self.kv_heads, self.resolved_head_dim(embed_dim),
                           dtype or self.dtype)
 
-  def _project(self, x: jax.Array, heads: int, head_axis: str, name: str) -> jax.Array:
-    """x [batch, T, embed] -> [batch, T, heads, head_dim] with kernel [embed, heads, head_dim]."""
-    head_dim = self.resolved_head_dim(x.shape[-1])
+  def _projection_params(self, embed_dim: int, heads: int, head_axis: str, name: str
+                         ) -> tuple[jax.Array, jax.Array | None]:
+    """The `{name}_kernel` [embed, heads, head_dim] and `{name}_bias` [heads, head_dim] (or None)."""
+    head_dim = self.resolved_head_dim(embed_dim)
     kernel = self.param(f"{name}_kernel",
                         partitioned(fan_in_normal(), ("embed", head_axis, "head_dim")),
-                        (x.shape[-1], heads, head_dim), self.param_dtype)
-    y = jnp.einsum("bte,ehd->bthd", x.astype(self.dtype), kernel.astype(self.dtype))
+                        (embed_dim, heads, head_dim), self.param_dtype)
+    bias = None
     if self.use_qkv_bias:
       bias = self.param(f"{name}_bias", partitioned(nn.initializers.zeros, (head_axis, "head_dim")),
                         (heads, head_dim), self.param_dtype)
+    return kernel, bias
+
+  def _project(self, x: jax.Array, heads: int, head_axis: str, name: str) -> jax.Array:
+    """x [batch, T, embed] -> [batch, T, heads, head_dim] with kernel [embed, heads, head_dim]."""
+    kernel, bias = self._projection_params(x.shape[-1], heads, head_axis, name)
+    y = jnp.einsum("bte,ehd->bthd", x.astype(self.dtype), kernel.astype(self.dtype))
+    if bias is not None:
       y = y + bias.astype(self.dtype)
     return y
 
-  @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, *, segment_ids: jax.Array | None = None,
-               cache: KVCache | None = None, new_token_mask: jax.Array | None = None
-               ) -> tuple[jax.Array, KVCache | None]:
+  def _out_kernel(self, head_dim: int, embed_dim: int) -> jax.Array:
+    """The output projection `out_kernel` [heads, head_dim, embed]."""
+    return self.param("out_kernel", partitioned(fan_in_normal(), ("heads", "head_dim", "embed")),
+                      (self.num_heads, head_dim, embed_dim), self.param_dtype)
+
+  def _check_inputs(self, x: jax.Array, positions: jax.Array) -> None:
     if x.ndim != 3:
       raise ValueError(f"attention: x must be [batch, seq, embed], got shape {x.shape}")
     if positions.shape != x.shape[:2]:
       raise ValueError(f"attention: positions must be [batch, seq]={x.shape[:2]}, "
                        f"got {positions.shape}")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, *, segment_ids: jax.Array | None = None,
+               cache: KVCache | None = None, new_token_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
+    self._check_inputs(x, positions)
     q = apply_rotary(self._project(x, self.num_heads, "heads", "query"), positions, self.rotary)
     k = apply_rotary(self._project(x, self.kv_heads, "kv_heads", "key"), positions, self.rotary)
     v = self._project(x, self.kv_heads, "kv_heads", "value")
@@ -155,9 +175,7 @@ class MultiHeadAttention(nn.Module):
       new_cache = None
     else:
       out, new_cache = self._attend_cache(q, k, v, positions, cache, new_token_mask)
-    out_kernel = self.param("out_kernel",
-                            partitioned(fan_in_normal(), ("heads", "head_dim", "embed")),
-                            (self.num_heads, out.shape[-1], x.shape[-1]), self.param_dtype)
+    out_kernel = self._out_kernel(out.shape[-1], x.shape[-1])
     y = jnp.einsum("bthd,hde->bte", out.astype(self.dtype), out_kernel.astype(self.dtype))
     return y, new_cache
 
@@ -204,13 +222,19 @@ class MultiHeadAttention(nn.Module):
     except ValueError:
       return dict(causal=False, dense_mask=self.mask.dense(seq_len, seq_len))
 
-  def _attend_cache(self, q, k, v, positions, cache: KVCache, new_token_mask):
-    batch, t = q.shape[:2]
+  def _append_to_cache(self, k, v, positions, cache: KVCache, new_token_mask
+                       ) -> tuple[KVCache, jax.Array]:
+    """Appends the new k/v; returns (cache, allowed bool [batch, 1 or heads, T, max_len])."""
+    batch, t = k.shape[:2]
     if new_token_mask is None:
       new_token_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch, t, t))
     start = cache.length
     cache = cache.append(k, v)
     allowed = cache_attention_mask(start, cache.max_len, new_token_mask, self.mask, positions)
+    return cache, allowed
+
+  def _attend_cache(self, q, k, v, positions, cache: KVCache, new_token_mask):
+    cache, allowed = self._append_to_cache(k, v, positions, cache, new_token_mask)
     out = dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), allowed,
                                 logit_soft_cap=self.logit_soft_cap)
     return out, cache
