@@ -69,7 +69,7 @@ def prefill(model: DecoderLM, variables: Any, prompts: jax.Array, prompt_lengths
   """Runs the prompts through the model into a fresh cache.
 
   Returns (cache with length = prompt_lengths, logits at each row's last prompt token
-  [batch, vocab] f32, hidden state there [batch, embed]).
+  [batch, vocab] f32, hidden states of every prompt position [batch, prompt_len, embed]).
   """
   batch = prompts.shape[0]
   cache = model.init_cache(batch, max_len)
@@ -77,7 +77,7 @@ def prefill(model: DecoderLM, variables: Any, prompts: jax.Array, prompt_lengths
   out = model.apply(variables, prompts, positions, cache=cache)
   last = prompt_lengths - 1
   rows = jnp.arange(batch)
-  return set_cache_length(out.cache, prompt_lengths), out.logits[rows, last], out.hidden[rows, last]
+  return set_cache_length(out.cache, prompt_lengths), out.logits[rows, last], out.hidden
 
 
 def step_keys(key: jax.Array, step: jax.Array, batch: int) -> jax.Array:
