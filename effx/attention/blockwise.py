@@ -89,7 +89,7 @@ def blockwise_attention(
         at; default the indices 0..len-1.
       segment_ids: int32 [batch, T] (self-attention) or a pair (q_ids [batch, q_len],
         kv_ids [batch, kv_len]); equal nonzero ids attend, 0 = padding attends nothing.
-      kv_mask: bool [batch, kv_len] or [batch, kv_heads or heads, kv_len]; False drops a key
+      kv_mask: bool [batch, kv_len] or [batch, 1 or kv_heads or heads, kv_len]; False drops a key
         (unused cache slots, KV-cache eviction policies).
       block_q, block_k: tile sizes (clipped to the lengths; lengths need not be multiples).
       sm_scale: logit scale, default 1/sqrt(head_dim).
@@ -148,12 +148,14 @@ def blockwise_attention(
     key_ok = pad(jnp.ones((batch, kv_len), bool), nk * bk)  # [b, Tk_pad]; padding is False
     if kv_mask is not None:
         kv_mask = jnp.asarray(kv_mask, bool)
-        _check(kv_mask.shape in ((batch, kv_len), (batch, kv_heads, kv_len),
+        _check(kv_mask.shape in ((batch, kv_len), (batch, 1, kv_len), (batch, kv_heads, kv_len),
                                  (batch, heads, kv_len)),
                f"blockwise_attention.kv_mask shape {kv_mask.shape}: must be [batch, kv_len] or "
-               f"[batch, kv_heads or heads, kv_len] with kv_len={kv_len}")
+               f"[batch, 1 or kv_heads or heads, kv_len] with kv_len={kv_len}")
         if kv_mask.ndim == 2:
             kv_mask = kv_mask[:, None, None, :]
+        elif kv_mask.shape[1] == 1:
+            kv_mask = kv_mask[:, :, None, :]
         else:
             kv_mask = kv_mask.reshape(batch, kv_heads, kv_mask.shape[1] // kv_heads, kv_len)
         key_ok = pad(kv_mask, nk * bk, axis=3) & pad(jnp.ones((batch, 1, 1, kv_len), bool),
