@@ -97,9 +97,9 @@ def blockwise_attention(
       static_layout: use ``mask.block_layout`` over indices to skip tiles statically. Default:
         only when q_pos and kv_pos are omitted. Pass True with explicit positions only if every
         pair the mask allows at those positions also lies in a tile the index-based layout
-        keeps (true e.g. for masks of ``q - k`` with per-document positions that restart at
-        each document and segment ids separating the documents); otherwise attention is
-        silently dropped.
+        keeps; otherwise attention is silently dropped. ``static_layout=mask.is_relative`` is
+        safe when positions are the index plus a per-row or per-document offset (packed
+        documents whose positions restart, with segment ids separating them; cache offsets).
       return_lse: also return the log-sum-exp of the allowed logits.
 
     Returns:

@@ -100,6 +100,14 @@ class Mask:
 
     # ---- public API ---------------------------------------------------------------------
     @property
+    def is_relative(self) -> bool:
+        """True if the mask depends only on ``q - k`` (causal, windows, strided, full and their
+        compositions). Then the index-based ``block_layout`` is also valid for positions that
+        are the index plus a per-row or per-document offset (packed documents with segment
+        ids, cache offsets): e.g. ``blockwise_attention(static_layout=mask.is_relative)``."""
+        return bool(self._diagonal)
+
+    @property
     def _h1(self) -> int:
         return 1 if self.num_heads is None else self.num_heads
 

@@ -131,6 +131,9 @@ def test_algebra():
     assert hash(a & M.SlidingWindowMask(3)) == hash(M.CausalMask() & M.SlidingWindowMask(3))
     with pytest.raises(ValueError, match="num_heads"):
         _ = M.StridedMask(2, 3) & M.StridedMask(2, 4)
+    assert (a & M.SlidingWindowMask(3) | ~b).is_relative
+    assert not (a & c).is_relative and not M.SegmentMask([1, 1]).is_relative
+    assert not M.BigBirdMask(2, 0, 1, 4).is_relative and M.BigBirdMask(2, 0, 0, 4).is_relative
 
 
 def test_masks_are_static_jit_arguments():
