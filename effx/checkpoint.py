@@ -30,8 +30,15 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, data_iterator: Any | None) -> None:
-    """Writes `state` (a pytree of arrays) and the grain iterator state at `step`."""
+    """Writes `state` (a pytree of arrays) and the grain iterator state at `step`.
+
+    An existing checkpoint of the same step (one `restore_latest` skipped as unreadable, which
+    the resumed run has now reached again) is replaced.
+    """
     from effx.data import iterator_checkpoint_args
+    if step in self.all_steps():  # e.g. an unreadable one that restore_latest skipped
+      log.warning("replacing the existing checkpoint step %d in %s", step, self.directory)
+      self.manager.delete(step)
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = iterator_checkpoint_args(data_iterator, restore=False)

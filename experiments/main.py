@@ -55,6 +55,35 @@ def build_experiment(cfg: fdl.Config):
     raise ConfigError(message) from err
 
 
+def flag_config(flag) -> fdl.Config:
+  """The parsed `--config` value; fiddle's parse errors become a one-line ConfigError.
+
+  Fiddle parses lazily and chains its errors (e.g. 'Could not set "model.x" to "3"' caused by
+  'No parameter named 'x' ...'); the line keeps every message of the chain except fiddle's
+  generic hint about `allow_imports`.
+  """
+  try:
+    return flag.value
+  except Exception as err:  # AttributeError / ValueError / TypeError / SyntaxError from fiddle
+    parts, seen, node = [], set(), err
+    while isinstance(node, Exception) and id(node) not in seen:
+      seen.add(id(node))
+      text = str(node).strip()
+      line = text.splitlines()[0].rstrip(".") if text else type(node).__name__
+      if "allow_imports" not in line:
+        parts.append(line)
+      node = node.__cause__ or node.__context__
+    raise ConfigError(": ".join(parts) or type(err).__name__) from err
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that reports a bad flag (e.g. `--mode=bogus`) as one stderr line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    sys.exit(f"effx: flag error: {err}")
+
+
 def config_json(cfg: fdl.Config) -> str:
   """Readable JSON of the final config (fiddle serialization)."""
   from fiddle.experimental import serialization
@@ -143,7 +172,7 @@ def main(argv: list[str]) -> None:
   if _WORKDIR.value is None:
     sys.exit("effx: --workdir is required")
   try:
-    cfg = _CONFIG.value
+    cfg = flag_config(_CONFIG)
     if cfg is None:
       raise ConfigError("config: none given; use --config config:lm_tiny (see experiments/configs)")
     if _DISTRIBUTED.value:
@@ -156,4 +185,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
