@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from effx.data import DataConfig
+from effx.decoding.head_training import HeadTrainConfig
 from effx.decoding.sampling import SamplingConfig
 from effx.model import DecoderLM
 from effx.sharding import MeshConfig
@@ -39,6 +40,40 @@ class GenerateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpeculativeBenchConfig:
+  """How `--mode speculative` (and the end of `--mode main`) measures draft heads.
+
+  Attributes:
+    num_prompts: held-out prompts per batch size (cut from eval-split files).
+    prompt_bytes: prompt length in bytes.
+    max_new_tokens: tokens generated per prompt.
+    batch_sizes: batch sizes measured (each a separate side-by-side comparison).
+    candidate_tree_nodes: tree sizes T (root included) whose verify latency is measured; the
+      tree is the best of these for the measured acceptance (tokens/s).
+    repeats: timed repeats (best of) per measurement.
+  """
+
+  num_prompts: int = 8
+  prompt_bytes: int = 96
+  max_new_tokens: int = 96
+  batch_sizes: tuple[int, ...] = (1, 8)
+  candidate_tree_nodes: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 12, 16)
+  repeats: int = 2
+
+  def __post_init__(self):
+    object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
+    object.__setattr__(self, "candidate_tree_nodes", tuple(self.candidate_tree_nodes))
+    if any(b < 1 for b in self.batch_sizes) or not self.batch_sizes:
+      raise ValueError(f"speculative.batch_sizes: got {self.batch_sizes}; need sizes >= 1")
+    if any(t < 2 for t in self.candidate_tree_nodes) or not self.candidate_tree_nodes:
+      raise ValueError(f"speculative.candidate_tree_nodes: got {self.candidate_tree_nodes}; "
+                       f"need sizes >= 2 (root + at least one draft)")
+    if self.num_prompts < max(self.batch_sizes):
+      raise ValueError(f"speculative.num_prompts: got {self.num_prompts}; must be >= the "
+                       f"largest batch size {max(self.batch_sizes)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
   """A complete run description.
 
@@ -49,6 +84,8 @@ class Experiment:
     train: optimisation, eval, checkpointing.
     mesh: device mesh and logical-axis rules.
     generate: text completion settings.
+    heads: draft heads trained by `--mode train_heads` / `main` (none: skip).
+    speculative: how draft heads are measured against plain decoding.
   """
 
   name: str
@@ -57,8 +94,14 @@ class Experiment:
   train: TrainConfig
   mesh: MeshConfig = MeshConfig()
   generate: GenerateConfig = GenerateConfig()
+  heads: tuple[HeadTrainConfig, ...] = ()
+  speculative: SpeculativeBenchConfig = SpeculativeBenchConfig()
 
   def __post_init__(self):
+    object.__setattr__(self, "heads", tuple(self.heads))
+    kinds = [h.kind for h in self.heads]
+    if len(set(kinds)) != len(kinds):
+      raise ValueError(f"heads: kinds must be distinct, got {kinds}")
     from effx.data import ByteTokenizer
     if self.model.vocab_size < ByteTokenizer.vocab_size:
       raise ValueError(f"model.vocab_size: got {self.model.vocab_size}; the byte tokenizer needs "

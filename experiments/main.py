@@ -9,6 +9,9 @@ Modes:
   train     train only
   eval      evaluate the newest checkpoint
   generate  complete `generate.prompt` with the newest checkpoint
+  train_heads  train the draft heads of `heads` on the frozen newest checkpoint
+  speculative  measure those heads: tree sized from measured latency, τ and speedup
+The main job runs train, eval, generate, train_heads and speculative in turn.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from fiddle import absl_flags as fdl_flags
 
 from experiments import configs
 
-MODES = ("main", "train", "eval", "generate")
+MODES = ("main", "train", "eval", "generate", "train_heads", "speculative")
 
 _CONFIG = fdl_flags.DEFINE_fiddle_config(
     "config", help_string="Experiment config: config:NAME, fiddler:NAME(...), set:a.b=VALUE.",
@@ -147,8 +150,27 @@ def run(cfg: fdl.Config, workdir: str, mode: str) -> dict:
     tokens = np.asarray(out.tokens[0, :int(out.lengths[0])])
     summary["generate_seconds"] = round(time.perf_counter() - t0, 2)
     summary["completion"] = exp.generate.prompt + tok.decode(tokens)
+  variables = {"params": state.params, **state.model_state}
+  if mode in ("main", "train_heads") and exp.heads and summary.get("stopped_by") != "sigterm":
+    from experiments.draft_heads import train_heads
+    reports = train_heads(exp, workdir, variables)
+    summary["heads_top1"] = {k: [round(x, 3) for x in r["top1"]] for k, r in reports.items()}
+  if mode in ("main", "speculative") and exp.heads and summary.get("stopped_by") != "sigterm":
+    from experiments.draft_heads import measure_speculative
+    rows = measure_speculative(exp, workdir, variables)
+    summary["speculative"] = "\n" + format_speculative(rows)
   summary["wall_seconds"] = round(time.perf_counter() - started, 1)
   return summary
+
+
+def format_speculative(rows: list[dict]) -> str:
+  """A small table of the speculative-decoding measurements."""
+  lines = ["  method    batch  nodes   tau  speedup  tok/s (spec / plain)  greedy==plain"]
+  for r in rows:
+    lines.append(f"  {r['method']:<9} {r['batch']:>5} {r['tree_nodes']:>6} {r['tau']:>5.2f} "
+                 f"{r['speedup']:>7.2f}x  {r['tokens_per_second']:>8.1f} / "
+                 f"{r['plain_tokens_per_second']:<8.1f}    {r['outputs_match_plain']}")
+  return "\n".join(lines)
 
 
 def print_summary(summary: dict) -> None:

@@ -7,12 +7,13 @@ import jax.numpy as jnp
 
 from effx.attention.mha import MultiHeadAttention
 from effx.data import DataConfig
+from effx.decoding.head_training import HeadTrainConfig
 from effx.layers.mlp import GatedMLP
 from effx.layers.rotary import RotaryConfig
 from effx.model import DecoderBlock, DecoderLM
 from effx.sharding import MeshConfig
 from effx.train import TrainConfig
-from experiments.experiment import Experiment, GenerateConfig
+from experiments.experiment import Experiment, GenerateConfig, SpeculativeBenchConfig
 
 VOCAB_SIZE = 260  # 259 byte-level ids, rounded up to a multiple of 4
 
@@ -37,7 +38,8 @@ def _experiment(name: str, *, embed_dim: int, num_layers: int, num_heads: int,
       train=fdl.Config(TrainConfig, steps=steps, learning_rate=learning_rate,
                        warmup_steps=warmup_steps),
       mesh=fdl.Config(MeshConfig),
-      generate=fdl.Config(GenerateConfig))
+      generate=fdl.Config(GenerateConfig),
+      speculative=fdl.Config(SpeculativeBenchConfig))
 
 
 def lm_tiny() -> fdl.Config[Experiment]:
@@ -45,9 +47,9 @@ def lm_tiny() -> fdl.Config[Experiment]:
   cfg = _experiment("lm_tiny", embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=None,
                     mlp_dim=640, seq_len=256, batch_size=16, steps=2000, learning_rate=4e-3,
                     warmup_steps=100)
-  cfg.train.time_budget_s = 300.0
+  cfg.train.time_budget_s = 270.0
   cfg.train.checkpoint_every = 100
-  return cfg
+  return with_draft_heads(cfg)
 
 
 def lm_small() -> fdl.Config[Experiment]:
@@ -67,6 +69,23 @@ def lm_1b() -> fdl.Config[Experiment]:
   cfg.model.vocab_size = VOCAB_SIZE
   cfg.train.checkpoint_every = 1000
   return with_remat(with_bf16(cfg), policy="dots_no_batch")
+
+
+def with_draft_heads(cfg: fdl.Config[Experiment], num_heads: int = 4,
+                     time_budget_s: float = 40.0) -> fdl.Config[Experiment]:
+  """Medusa, Hydra and Hydra++ heads trained on the frozen backbone after the LM.
+
+  Medusa and Hydra learn the base model's own greedy choices (self-distillation); Hydra++ has
+  the prefix-attention layer, deeper heads and the teacher (soft-label) loss.
+  """
+  common = dict(num_heads=num_heads, steps=400, time_budget_s=time_budget_s)
+  cfg.heads = [
+      fdl.Config(HeadTrainConfig, kind="medusa", target="self", **common),
+      fdl.Config(HeadTrainConfig, kind="hydra", target="self", **common),
+      fdl.Config(HeadTrainConfig, kind="hydra++", target="teacher", num_blocks=4,
+                 learning_rate=5e-4, **common),
+  ]
+  return cfg
 
 
 def with_bf16(cfg: fdl.Config[Experiment]) -> fdl.Config[Experiment]:

@@ -1,0 +1,101 @@
+"""Launcher steps for draft heads: train them on the frozen backbone, then measure speedup."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from effx.data import ByteTokenizer, corpus_split, make_eval_batches, make_train_iterator
+from effx.decoding.evaluation import (auto_tree, compare_with_plain, held_out_prompts,
+                                      measure_verify_latency)
+from effx.decoding.generate import pad_prompts
+from effx.decoding.head_training import (HeadTrainer, load_heads, make_proposer,
+                                         proposer_params, save_heads)
+from effx.decoding.speculative import SpeculativeConfig
+from experiments.experiment import Experiment
+
+
+def heads_dir(workdir: str, kind: str) -> str:
+  return os.path.join(workdir, "heads", kind.replace("+", "p"))
+
+
+def train_heads(exp: Experiment, workdir: str, base_variables: Any, log=print) -> dict:
+  """Trains every head config of `exp.heads` (skipping kinds already saved in the workdir)."""
+  reports = {}
+  train_iter = make_train_iterator(exp.data)
+  eval_batches = make_eval_batches(exp.data)
+  for cfg in exp.heads:
+    directory = heads_dir(workdir, cfg.kind)
+    if os.path.exists(os.path.join(directory, "report.json")):
+      with open(os.path.join(directory, "report.json")) as f:
+        reports[cfg.kind] = json.load(f)
+      log(f"heads[{cfg.kind}]: found in {directory}, not retrained")
+      continue
+    trainer = HeadTrainer(cfg, exp.model, base_variables)
+    params, opt_state = trainer.init()
+    params, _, steps = trainer.fit(params, opt_state, train_iter, log=log)
+    report = trainer.evaluate(params, eval_batches)
+    report["steps"] = steps
+    save_heads(directory, params, report)
+    log(f"heads[{cfg.kind}]: {steps} steps; top-1 agreement with the base model per head "
+        f"{np.round(report['top1'], 3).tolist()}, top-{cfg.top_k} "
+        f"{np.round(report['topk'], 3).tolist()}, expected accepted length (chain) "
+        f"{report['expected_accept_length']:.2f}")
+    reports[cfg.kind] = {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                         for k, v in report.items()}
+  return reports
+
+
+def measure_speculative(exp: Experiment, workdir: str, base_variables: Any, log=print
+                        ) -> list[dict]:
+  """For each head kind and batch size: tree sized from measured latency, τ and speedup."""
+  bench = exp.speculative
+  tok = ByteTokenizer()
+  split = corpus_split(exp.data.paths, exp.data.eval_fraction)
+  prompts = held_out_prompts(split.files("eval"), bench.num_prompts, bench.prompt_bytes,
+                             bos_id=tok.BOS_ID, offset=tok.NUM_SPECIAL)
+  max_nodes = max(bench.candidate_tree_nodes)
+  max_len = bench.prompt_bytes + 1 + bench.max_new_tokens + max_nodes
+  cfg = SpeculativeConfig(max_new_tokens=bench.max_new_tokens, max_len=max_len,
+                          sampling=exp.generate.sampling, eos_id=-1)
+  rows = []
+  for batch in bench.batch_sizes:
+    latency = measure_verify_latency(exp.model, base_variables, batch,
+                                     (1,) + bench.candidate_tree_nodes,
+                                     context=bench.prompt_bytes + bench.max_new_tokens // 2,
+                                     max_len=max_len)
+    log(f"batch {batch}: verify latency relative to one token: "
+        + ", ".join(f"T={t}: {s / latency[1]:.2f}x" for t, s in sorted(latency.items())))
+    tokens, lengths = pad_prompts(prompts[:batch])
+    baseline = None
+    for head_cfg in exp.heads:
+      trainer = HeadTrainer(head_cfg, exp.model, base_variables)
+      abstract = jax.eval_shape(lambda: trainer.init()[0])
+      if not os.path.exists(os.path.join(heads_dir(workdir, head_cfg.kind), "report.json")):
+        raise ValueError(f"heads: no trained {head_cfg.kind} heads in {workdir!r}; run "
+                         f"--mode train_heads first")
+      params, report = load_heads(heads_dir(workdir, head_cfg.kind), abstract)
+      acceptance = np.asarray(report["acceptance"])
+      budget = auto_tree(acceptance, {t: s for t, s in latency.items() if t > 1})
+      proposer = make_proposer(trainer.heads, budget.tree)
+      result, baseline = compare_with_plain(
+          exp.model, base_variables, head_cfg.kind, proposer,
+          proposer_params(trainer.heads, params, base_variables["params"]), tokens, lengths,
+          cfg, baseline=baseline, repeats=bench.repeats)
+      row = dict(method=head_cfg.kind, batch=batch, tree_nodes=budget.tree.num_nodes,
+                 tau=round(result.stats.tau, 3), speedup=round(result.speedup, 3),
+                 tokens_per_second=round(result.tokens_per_second, 1),
+                 plain_tokens_per_second=round(result.baseline_tokens_per_second, 1),
+                 per_depth_acceptance=[round(x, 3) for x in result.stats.per_depth],
+                 outputs_match_plain=result.outputs_match)
+      log(f"batch {batch} {head_cfg.kind}: tree of {row['tree_nodes']} nodes, τ {row['tau']}, "
+          f"{row['tokens_per_second']} tok/s vs {row['plain_tokens_per_second']} plain: "
+          f"{row['speedup']}x (greedy output identical: {row['outputs_match_plain']})")
+      rows.append(row)
+  with open(os.path.join(workdir, "speculative.json"), "w") as f:
+    json.dump(rows, f, indent=2)
+  return rows
