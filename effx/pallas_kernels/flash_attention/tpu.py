@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from effx.pallas_kernels.flash_attention import layout as layout_lib
+from effx.pallas_kernels.flash_attention import reference as ref_lib
 from effx.pallas_kernels.flash_attention.config import BlockSizes
 
 NUM_LANES = 128
@@ -451,7 +452,8 @@ def flash_attention_tpu(q, k, v, *, segment_ids=None, causal: bool = True,
 
   Args:
     q: ``[batch, q_len, heads, head_dim]``; k, v: ``[batch, kv_len, kv_heads, head_dim]``.
-    segment_ids: None or ``reference.SegmentIds`` (int32 ``[batch, q_len]``, ``[batch, kv_len]``).
+    segment_ids: None, ``reference.SegmentIds`` / a (q, kv) pair (int32 ``[batch, q_len]``,
+      ``[batch, kv_len]``), or one array when q_len == kv_len.
     causal, window, block_mask, dense_mask, logit_soft_cap, sm_scale: see ``reference.py``.
     block_sizes: tiles (default 128 x 128).
     interpret: None on a TPU; ``pltpu.InterpretParams(...)`` (or True) to run on CPU.
@@ -463,7 +465,7 @@ def flash_attention_tpu(q, k, v, *, segment_ids=None, causal: bool = True,
   b, q_len, h, d = q.shape
   kv_len, hkv = k.shape[1], k.shape[2]
   scale = float(sm_scale) if sm_scale is not None else 1.0 / float(np.sqrt(d))
-  on_hw = not interpret
+  on_hw = jax.default_backend() == "tpu" and not interpret
   for name, val in (("block_k", bs.block_k), ("block_k_bwd", bs.bwd[1])):
     if on_hw and val % NUM_LANES:
       raise ValueError(f"BlockSizes.{name}={val} must be a multiple of 128 on TPU")
@@ -484,6 +486,7 @@ def flash_attention_tpu(q, k, v, *, segment_ids=None, causal: bool = True,
                  any_partial=bool((visited == layout_lib.PARTIAL).any()))
     return lay, st
 
+  segment_ids = ref_lib.as_segment_ids(segment_ids, q_len, kv_len)
   lay_f, st_f = make(bs.block_q, bs.block_k)
   lay_b, st_b = make(*bs.bwd)
   if lay_f.per_head and lay_f.classes.shape[0] != h:

@@ -1,0 +1,291 @@
+r"""Flash-attention forward: our Pallas kernel vs the XLA reference vs jax.nn.dot_product_attention.
+
+Usage:
+  python benchmarks/kernels.py --platform gpu --quick     # H100/H200: < 3 minutes
+  python benchmarks/kernels.py --platform gpu             # all lengths 1k..16k, extra variants
+  python benchmarks/kernels.py --platform cpu             # XLA paths only (see below)
+  options: --no-write (do not append to BENCHMARKS.md), --check-only
+
+On a GPU/TPU the script first checks the kernel against the reference on a few awkward
+configurations (lengths that are not tile multiples, GQA, window + soft-cap + segment ids, a
+per-head block-sparse layout) and exits with status 2 and a banner if the kernel fails to
+compile or disagrees. Then, per shape (bf16, 16 heads, head_dim 128, batch x seq = 16k
+tokens), it times the forward of: our kernel, the XLA reference (``attention_reference``,
+which materialises the scores) and ``jax.nn.dot_product_attention`` (implementation "cudnn" on
+GPU, XLA elsewhere), causal and not, and our kernel on random block-sparse layouts of 100 / 50
+/ 25 % tile density (the XLA reference applies the same mask densely; cuDNN has no such mode).
+
+TFLOP/s counts useful work only: 4 * batch * heads * q_len * kv_len * head_dim * (fraction of
+visible (query, key) tiles), i.e. halved for causal, scaled by density for block-sparse, the
+same count for every implementation. % of peak uses the dense bf16 tensor-core peak of the
+device kind (H100/H200 SXM 989 TFLOP/s; table below); CPU: n/a.
+
+On CPU the Pallas kernels only run in interpret mode, whose timing is not meaningful, so only
+the XLA paths are timed (small shapes, float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+PEAK_BF16 = {  # dense bf16 TFLOP/s by device-kind substring (vendor datasheets)
+    "h100": 989.0, "h200": 989.0, "h800": 989.0, "gh200": 989.0, "a100": 312.0,
+    "tpu v6": 918.0, "tpu v5p": 459.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v4": 275.0,
+}
+
+
+def _parse():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--platform", choices=["cpu", "gpu", "tpu"], default=None,
+                 help="JAX platform to run on (default: JAX's default)")
+  p.add_argument("--quick", action="store_true", help="fewer shapes (< 3 min on an H200)")
+  p.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+  p.add_argument("--check-only", action="store_true", help="only the correctness checks")
+  return p.parse_args()
+
+
+ARGS = _parse()
+if ARGS.platform is not None:
+  os.environ["JAX_PLATFORMS"] = {"gpu": "cuda", "cpu": "cpu", "tpu": "tpu"}[ARGS.platform]
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks._report import append_section  # noqa: E402
+from effx.pallas_kernels.flash_attention import gpu as fa_gpu  # noqa: E402
+from effx.pallas_kernels.flash_attention import layout as fa_layout  # noqa: E402
+from effx.pallas_kernels.flash_attention import tpu as fa_tpu  # noqa: E402
+from effx.pallas_kernels.flash_attention.config import BlockSizes  # noqa: E402
+from effx.pallas_kernels.flash_attention.reference import attention_reference  # noqa: E402
+
+
+def _peak(kind: str) -> float | None:
+  kind = kind.lower()
+  for key, val in PEAK_BF16.items():
+    if key in kind:
+      return val
+  return None
+
+
+def _kernel(platform: str, block_sizes: BlockSizes | None = None, **extra):
+  """Our kernel for the platform, called directly (no silent XLA fallback)."""
+  def run(q, k, v, **kw):
+    bs = block_sizes or BlockSizes.for_device(jax.devices()[0].device_kind, q.shape[-1])
+    if platform == "gpu":
+      return fa_gpu.flash_attention_gpu(q, k, v, block_sizes=bs, **extra, **kw)
+    return fa_tpu.flash_attention_tpu(q, k, v, block_sizes=bs, **kw)
+  return run
+
+
+def _inputs(b, lq, lk, h, hkv, d, dtype, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(ks[0], (b, lq, h, d), jnp.float32).astype(dtype),
+          jax.random.normal(ks[1], (b, lk, hkv, d), jnp.float32).astype(dtype),
+          jax.random.normal(ks[2], (b, lk, hkv, d), jnp.float32).astype(dtype))
+
+
+def _block_sparse(heads, lq, lk, bq, bk, density, seed=0, aligned=True):
+  """Random tile layout with the given density (diagonal tiles kept), as a dense mask."""
+  rng = np.random.default_rng(seed)
+  nq, nk = -(-lq // bq), -(-lk // bk)
+  tiles = rng.random((heads, nq, nk)) < density
+  tiles[:, np.arange(min(nq, nk)), np.arange(min(nq, nk))] = True
+  dense = np.repeat(np.repeat(tiles, bq, 1), bk, 2)[:, :lq, :lk]
+  return np.ascontiguousarray(dense)
+
+
+def _banner(msg: str) -> None:
+  line = "=" * 78
+  print(f"\n{line}\n{msg}\n{line}\n", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Correctness on the accelerator
+# ------------------------------------------------------------------------------------------------
+
+
+def check(platform: str) -> list[str]:
+  """Kernel vs reference on awkward configs; exits with status 2 on any failure."""
+  lines = []
+  seg = lambda b, n, parts: jnp.asarray(
+      np.minimum(np.arange(n) * parts // n + 1, parts)[None].repeat(b, 0), jnp.int32)
+  cases = [
+      ("causal, GQA 4/2, L=1000, d=128", dict(b=2, lq=1000, lk=1000, h=4, hkv=2, d=128),
+       dict(causal=True), {}),
+      ("window 300 + cap 30 + segments, Lq=777 Lk=1300, MQA, d=64",
+       dict(b=1, lq=777, lk=1300, h=2, hkv=1, d=64),
+       dict(causal=False, window=300, logit_soft_cap=30.0), {"seg": 3}),
+      ("per-head block-sparse 50%, L=1024, d=128", dict(b=1, lq=1024, lk=1024, h=4, hkv=4, d=128),
+       dict(causal=False), {"sparse": 0.5}),
+      ("causal, d=256, L=640", dict(b=1, lq=640, lk=640, h=2, hkv=2, d=256), dict(causal=True),
+       {}),
+  ]
+  variants = [("", {})]
+  if platform == "gpu":
+    variants.append((" [P via smem, block_q=64]",
+                     dict(extra=dict(p_via_smem=True), bs=BlockSizes(64, 128))))
+  for name, shape, kw, opts in cases:
+    q, k, v = _inputs(shape["b"], shape["lq"], shape["lk"], shape["h"], shape["hkv"],
+                      shape["d"], jnp.bfloat16, seed=1)
+    kw = dict(kw)
+    if "seg" in opts:
+      kw["segment_ids"] = (seg(shape["b"], shape["lq"], opts["seg"]),
+                           seg(shape["b"], shape["lk"], opts["seg"]))
+    if "sparse" in opts:
+      kw["dense_mask"] = _block_sparse(shape["h"], shape["lq"], shape["lk"], 128, 128,
+                                       opts["sparse"], seed=3)
+    want = attention_reference(q, k, v, **kw).astype(jnp.float32)
+    for vname, vopt in variants:
+      bs = vopt.get("bs")
+      if shape["d"] == 256 and bs is None and platform == "gpu":
+        bs = BlockSizes(128, 64)
+      if shape["d"] == 256 and bs is not None and platform == "gpu":
+        bs = BlockSizes(bs.block_q, 64)
+      try:
+        got = jax.block_until_ready(
+            jax.jit(lambda q, k, v: _kernel(platform, bs, **vopt.get("extra", {}))(
+                q, k, v, **kw))(q, k, v))
+      except Exception as e:  # noqa: BLE001 -- any failure must be loud
+        traceback.print_exc()
+        _banner(f"FLASH ATTENTION {platform.upper()} KERNEL FAILED TO COMPILE/RUN: {name}{vname}\n"
+                f"{type(e).__name__}: {str(e)[:2000]}")
+        sys.exit(2)
+      err = float(jnp.abs(got.astype(jnp.float32) - want).max())
+      ok = np.isfinite(err) and err <= 2e-2 * max(1.0, float(jnp.abs(want).max()))
+      lines.append(f"- check {name}{vname}: max |err| = {err:.2e} {'ok' if ok else 'FAILED'}")
+      print(lines[-1], flush=True)
+      if not ok:
+        _banner(f"FLASH ATTENTION {platform.upper()} KERNEL DISAGREES WITH THE REFERENCE: "
+                f"{name}{vname}: max |err| {err}")
+        sys.exit(2)
+  return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+
+
+def _time(fn, *args, rounds: int = 3, min_time: float = 0.05) -> float:
+  """Seconds per call: back-to-back calls, synchronised once per round; min over rounds."""
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  one = max(time.perf_counter() - t0, 1e-6)
+  n = max(1, min(50, int(min_time / one)))
+  best = float("inf")
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(n):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    best = min(best, (time.perf_counter() - t0) / n)
+  return best
+
+
+def _row(cells):
+  return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def bench(platform: str, quick: bool) -> tuple[str, list[str]]:
+  kind = jax.devices()[0].device_kind
+  peak = _peak(kind) if platform != "cpu" else None
+  notes = []
+  if platform == "cpu":
+    dtype, h, d, tokens = jnp.float32, 4, 64, 2048
+    seqs = (256, 512, 1024) if not quick else (256, 1024)
+    notes.append("CPU: the Pallas kernels run only in interpret mode here, whose timing is not "
+                 "meaningful; only the XLA paths are timed (float32, 4 heads, head_dim 64).")
+  else:
+    dtype, h, d, tokens = jnp.bfloat16, 16, 128, 16384
+    seqs = (1024, 4096, 16384) if quick else (1024, 2048, 4096, 8192, 16384)
+  header = ["seq", "batch", "causal", "density", "impl", "ms", "TFLOP/s", "% peak"]
+  rows = [_row(header), _row(["---"] * len(header))]
+
+  def record(seq, b, causal, density, impl, fn, args, flops):
+    try:
+      t = _time(fn, *args)
+      tf = flops / t / 1e12
+      pct = f"{100 * tf / peak:.1f}" if peak else "n/a"
+      cells = [seq, b, causal, f"{density:.0%}", impl, f"{t * 1e3:.3f}", f"{tf:.1f}", pct]
+    except Exception as e:  # noqa: BLE001 -- a baseline may not exist (e.g. cuDNN, OOM)
+      msg = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+      cells = [seq, b, causal, f"{density:.0%}", impl, "n/a", "n/a", msg]
+    rows.append(_row(cells))
+    print(rows[-1], flush=True)
+
+  ours = _kernel(platform) if platform != "cpu" else None
+  for seq in seqs:
+    b = max(1, tokens // seq)
+    q, k, v = _inputs(b, seq, seq, h, h, d, dtype)
+    for causal in (False, True):
+      flops = 4.0 * b * h * seq * seq * d * (0.5 if causal else 1.0)
+      if ours is not None:
+        record(seq, b, causal, 1.0, "ours (Pallas)",
+               jax.jit(lambda q, k, v, c=causal: ours(q, k, v, causal=c)), (q, k, v), flops)
+        if not quick and platform == "gpu":
+          for vname, bs, extra in (("ours block_q=64", BlockSizes(64, 128), {}),
+                                   ("ours P via smem", None, {"p_via_smem": True})):
+            fn = _kernel(platform, bs, **extra)
+            record(seq, b, causal, 1.0, vname,
+                   jax.jit(lambda q, k, v, c=causal, fn=fn: fn(q, k, v, causal=c)), (q, k, v),
+                   flops)
+      record(seq, b, causal, 1.0, "XLA reference",
+             jax.jit(lambda q, k, v, c=causal: attention_reference(q, k, v, causal=c)),
+             (q, k, v), flops)
+      impl = "cudnn" if platform == "gpu" else "xla"
+      record(seq, b, causal, 1.0, f"jax.nn.dot_product_attention ({impl})",
+             jax.jit(lambda q, k, v, c=causal, i=impl: jax.nn.dot_product_attention(
+                 q, k, v, is_causal=c, implementation=i)), (q, k, v), flops)
+    if ours is not None and (seq == 4096 or (not quick and seq == 16384)):
+      for density in (1.0, 0.5, 0.25):
+        dense = _block_sparse(1, seq, seq, 128, 128, density, seed=seq)
+        lay = fa_layout.make_layout(seq, seq, 128, 128, causal=False, window=None,
+                                    dense_mask=dense)
+        flops = 4.0 * b * h * seq * seq * d * lay.density
+        record(seq, b, False, lay.density, "ours block-sparse",
+               jax.jit(lambda q, k, v, m=dense: ours(q, k, v, causal=False, dense_mask=m)),
+               (q, k, v), flops)
+        if density < 1.0:
+          record(seq, b, False, lay.density, "XLA reference (dense mask)",
+                 jax.jit(lambda q, k, v, m=dense: attention_reference(
+                     q, k, v, causal=False, dense_mask=m)), (q, k, v), flops)
+  notes.append(f"Forward only, {jnp.dtype(dtype).name}, heads {h}, head_dim {d}, batch x seq = "
+               f"{tokens} tokens; time = min over 3 rounds of back-to-back calls. TFLOP/s counts "
+               "useful FLOPs (causal halves them, block-sparse scales by tile density). "
+               f"Peak: {peak if peak else 'n/a'} TFLOP/s (dense bf16, {kind}).")
+  return "\n".join(rows), notes
+
+
+def main():
+  platform = jax.default_backend()
+  if ARGS.platform is not None and platform != ARGS.platform:
+    _banner(f"asked for --platform {ARGS.platform} but JAX runs on {platform}")
+    sys.exit(2)
+  print(f"jax {jax.__version__} on {platform}: {jax.devices()[0].device_kind}", flush=True)
+  check_lines = []
+  if platform in ("gpu", "tpu"):
+    check_lines = check(platform)
+  if ARGS.check_only:
+    return
+  table, notes = bench(platform, ARGS.quick)
+  body = "\n".join(notes) + "\n\n" + table + ("\n\n" + "\n".join(check_lines)
+                                              if check_lines else "")
+  print("\n" + body)
+  if not ARGS.no_write:
+    append_section(f"Flash attention forward ({platform}{', quick' if ARGS.quick else ''})",
+                   body)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,383 @@
+"""Block-sparse flash attention forward for Hopper GPUs (Pallas Mosaic GPU, ``plgpu``).
+
+One CTA computes ``block_q`` query rows of one (batch, head): ``block_q // 64`` compute
+warpgroups of 64 rows each plus one memory warpgroup (warp specialisation). The memory
+warpgroup streams the K/V tiles of the CTA's key-block list (``layout.BlockLists``, read from
+global memory as int32 scalars) with TMA into a ``num_stages``-deep shared-memory ring; each
+slot has a "loaded" barrier (TMA transaction count) and a "consumed" barrier (one arrival per
+compute warpgroup). The compute warpgroups run the FlashAttention-2 recurrence with WGMMA
+(S = Q K^T and O += P V, P kept in registers) in base 2 (scores pre-multiplied by log2 e),
+apply the element mask only on partial tiles (``lax.cond`` on the tile class), and write O and
+the natural-log log-sum-exp through shared memory with TMA.
+
+Empty tiles are neither fetched nor computed (they are absent from the lists). Supported:
+bf16/f16 inputs, head_dim a multiple of 64 up to 256, causal, sliding window, segment ids,
+soft-cap, GQA/MQA, lengths that are not tile multiples (padded, keys masked) and dense
+block-sparse masks whose partial tiles are only those that causal/window/padding already make
+partial, i.e. block-aligned patterns. ``supported()`` says why a call is not; the entry point
+then uses XLA.
+
+Backward: there is no Mosaic GPU backward kernel yet. ``flash_attention_gpu`` is a custom_vjp
+whose backward is the XLA reference's gradient (``jax.vjp`` of ``attention_reference``), which
+recomputes the scores with O(q_len * kv_len) memory per head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from effx.pallas_kernels.flash_attention import layout as layout_lib
+from effx.pallas_kernels.flash_attention import reference as ref_lib
+from effx.pallas_kernels.flash_attention.config import BlockSizes
+
+WG_ROWS = 64
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  causal: bool
+  window: int | None
+  cap: float | None
+  scale: float
+  kv_len: int
+  block_q: int
+  block_k: int
+  num_stages: int
+  groups: int
+  per_head: bool
+  has_seg: bool
+  any_full: bool
+  any_partial: bool
+
+  @property
+  def compute_wgs(self) -> int:
+    return self.block_q // WG_ROWS
+
+
+def supported(q, k, *, block_sizes: BlockSizes, layout: layout_lib.KernelLayout | None = None
+              ) -> str | None:
+  """None if the Mosaic GPU kernel handles this call, else the reason it does not."""
+  d = q.shape[-1]
+  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {q.dtype} (the Mosaic GPU kernel takes bf16/f16)"
+  if q.dtype != k.dtype:
+    return f"q dtype {q.dtype} != k dtype {k.dtype}"
+  if d % 64 or d > 256:
+    return f"head_dim {d} (must be a multiple of 64, <= 256)"
+  if block_sizes.block_q not in (64, 128):
+    return f"block_q {block_sizes.block_q} (GPU kernel: 64 or 128)"
+  if block_sizes.block_k % 64:
+    return f"block_k {block_sizes.block_k} (GPU kernel: a multiple of 64)"
+  if layout is not None and layout.has_dense_partial:
+    return "dense_mask has partial tiles at the GPU tiling (only block-aligned masks)"
+  return None
+
+
+def _smem_bytes(st: _Static, d: int, itemsize: int) -> int:
+  w = st.compute_wgs
+  return (w * WG_ROWS * d * itemsize + 2 * st.num_stages * st.block_k * d * itemsize
+          + w * WG_ROWS * 4 + (st.num_stages * st.block_k * 4 + w * WG_ROWS * 4) * st.has_seg)
+
+
+def _fwd_call(q, k, v, qseg, kvseg, lists: layout_lib.BlockLists, st: _Static, interpret,
+              p_via_smem: bool | None = None):
+  """q ``[B, Lq_p, H, D]``, k/v ``[B, Lk_p, Hkv, D]`` (padded) -> (o, lse ``[B, H, Lq_p]``).
+
+  ``p_via_smem`` (default: only in interpret mode, whose WGMMA takes shared-memory operands
+  only) routes P through shared memory instead of keeping it in registers.
+  """
+  # Off a GPU the kernel can only run interpreted (explicitly or under force_gpu_interpret_mode).
+  interpreting = bool(interpret) or jax.default_backend() != "gpu"
+  if p_via_smem is None:
+    p_via_smem = interpreting
+  b, lq, h, d = q.shape
+  dtype = q.dtype
+  w, bk, ns = st.compute_wgs, st.block_k, st.num_stages
+  n_qt = lq // st.block_q
+  has_seg = st.has_seg
+  tiling = plgpu.TilingTransform((8, 64))
+  swizzle = plgpu.SwizzleTransform(128)
+  reduce_rows = plgpu.Layout.WGMMA.reduce(1)   # one value per score row
+  reduce_cols = plgpu.Layout.WGMMA.reduce(0)   # one value per score column
+
+  def kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, cls_ref, qseg_ref, kvseg_ref, o_ref,
+             lse_ref, smem, bars):
+    qo_smem, k_smem, v_smem, lse_smem, qseg_smem, kvseg_smem, p_smem = smem
+    q_bar, k_bar, v_bar, seg_bar, k_used, v_used = bars
+    bi = lax.axis_index("batch")
+    hi = lax.axis_index("heads")
+    qt = lax.axis_index("q_seq")
+    wg = lax.axis_index("wg")
+    hm = hi if st.per_head else 0
+    count = cnt_ref[hm, qt]
+
+    def slot_of(t):
+      return lax.rem(t, jnp.int32(ns))
+
+    @pl.when(wg < w)
+    def _compute():
+      plgpu.set_max_registers(232 if w == 2 else 240, action="increase")
+      row0 = qt * st.block_q + wg * WG_ROWS
+      q_smem = qo_smem.at[wg]
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, WG_ROWS), hi], q_smem, q_bar.at[wg])
+      q_ids = None
+      if has_seg:
+        plgpu.copy_gmem_to_smem(qseg_ref.at[bi, pl.ds(row0, WG_ROWS)], qseg_smem.at[wg],
+                                q_bar.at[w + wg])
+        plgpu.barrier_wait(q_bar.at[w + wg])
+        q_ids = plgpu.load(qseg_smem.at[wg], layout=reduce_rows)
+      plgpu.barrier_wait(q_bar.at[wg])
+
+      m0 = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), reduce_rows)
+      l0 = plgpu.layout_cast(jnp.full((WG_ROWS,), 0.0, jnp.float32), reduce_rows)
+      acc0 = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+      def step(t, carry):
+        acc, m_i, l_i = carry
+        slot = slot_of(t)
+        j = idx_ref[hm, qt, t]
+        cls = cls_ref[hm, qt, t]
+        plgpu.barrier_wait(k_bar.at[slot])
+        kv_ids = None
+        if has_seg:
+          plgpu.barrier_wait(seg_bar.at[slot])
+          kv_ids = plgpu.load(kvseg_smem.at[slot], layout=reduce_cols)
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
+        plgpu.barrier_arrive(k_used.at[slot])
+        if st.cap is not None:
+          s = (st.cap * LOG2E) * jnp.tanh(s * (st.scale / st.cap))
+        else:
+          s = s * (st.scale * LOG2E)
+
+        def element_mask(s):
+          rows = row0 + plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bk), 0,
+                                               layout=plgpu.Layout.WGMMA)
+          cols = j * bk + plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bk), 1,
+                                                 layout=plgpu.Layout.WGMMA)
+          mask = None
+          if st.kv_len % bk:
+            mask = cols < st.kv_len
+          if st.causal:
+            c = cols <= rows
+            mask = c if mask is None else jnp.logical_and(mask, c)
+          if st.window is not None:
+            c = (rows - cols) < st.window
+            mask = c if mask is None else jnp.logical_and(mask, c)
+          return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+        if st.any_partial and st.any_full:
+          s = lax.cond(cls == layout_lib.FULL, lambda x: x, element_mask, s)
+        elif st.any_partial:
+          s = element_mask(s)
+        if has_seg:
+          same = (lax.broadcast_in_dim(q_ids, (WG_ROWS, bk), [0])
+                  == lax.broadcast_in_dim(kv_ids, (WG_ROWS, bk), [1]))
+          s = jnp.where(same, s, -jnp.inf)
+
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        if p_smem is not None:   # P through shared memory (GPU interpret mode needs it)
+          p_smem.at[wg][...] = p16
+          plgpu.commit_smem()
+          p_operand = p_smem.at[wg]
+        else:                    # P stays in registers (WGMMA A operand from registers)
+          p_operand = p16
+        plgpu.barrier_wait(v_bar.at[slot])
+
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        if interpreting:
+          # GPU interpret mode cannot run pl.run_state: a fresh accumulator plus an add.
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
+            return acc_ref[...]
+
+          acc = acc + pl.run_scoped(pv, plgpu.ACC((WG_ROWS, d), jnp.float32))
+        else:
+          # On hardware WGMMA accumulates in place (no second accumulator in registers).
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
+
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_used.at[slot])
+        return acc, m_new, l_i
+
+      acc, m_i, l_i = lax.fori_loop(0, count, step, (acc0, m0, l0))
+      empty = l_i == 0.0
+      l_safe = jnp.where(empty, 1.0, l_i)
+      inv = jnp.where(empty, 0.0, 1.0 / l_safe)
+      q_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+      lse_smem.at[wg][...] = jnp.where(empty, jnp.inf, m_i * LN2 + jnp.log(l_safe))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, pl.ds(row0, WG_ROWS), hi])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(row0, WG_ROWS)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == w)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      kvh = lax.div(hi, jnp.int32(st.groups))
+
+      @pl.loop(0, count)
+      def _fetch(t):
+        slot = slot_of(t)
+        j = idx_ref[hm, qt, t]
+        rows = pl.ds(j * bk, bk)
+
+        @pl.when(t >= ns)
+        def _():
+          plgpu.barrier_wait(k_used.at[slot])
+          if has_seg:
+            # The slot's segment ids were read through the generic proxy; order those reads
+            # before the TMA (async proxy) overwrite.
+            plgpu.commit_smem()
+
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, kvh], k_smem.at[slot], k_bar.at[slot])
+        if has_seg:
+          plgpu.copy_gmem_to_smem(kvseg_ref.at[bi, rows], kvseg_smem.at[slot], seg_bar.at[slot])
+
+        @pl.when(t >= ns)
+        def _():
+          plgpu.barrier_wait(v_used.at[slot])
+
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, kvh], v_smem.at[slot], v_bar.at[slot])
+
+  def entry(q_ref, k_ref, v_ref, idx_ref, cnt_ref, cls_ref, *rest):
+    if has_seg:
+      qseg_ref, kvseg_ref, o_ref, lse_ref = rest
+    else:
+      (o_ref, lse_ref), qseg_ref, kvseg_ref = rest, None, None
+    tile = lambda *shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))
+    smem = (tile(w, WG_ROWS, d), tile(ns, bk, d), tile(ns, bk, d),
+            plgpu.SMEM((w, WG_ROWS), jnp.float32),
+            plgpu.SMEM((w, WG_ROWS), jnp.int32) if has_seg else None,
+            plgpu.SMEM((ns, bk), jnp.int32) if has_seg else None,
+            tile(w, WG_ROWS, bk) if p_via_smem else None)
+    bars = (plgpu.Barrier(num_barriers=2 * w), plgpu.Barrier(num_barriers=ns),
+            plgpu.Barrier(num_barriers=ns), plgpu.Barrier(num_barriers=ns) if has_seg else None,
+            plgpu.Barrier(num_arrivals=w, num_barriers=ns),
+            plgpu.Barrier(num_arrivals=w, num_barriers=ns))
+    pl.run_scoped(
+        lambda smem_refs, bar_refs: kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, cls_ref,
+                                           qseg_ref, kvseg_ref, o_ref, lse_ref, smem_refs,
+                                           bar_refs),
+        smem, bars, collective_axes="wg")
+
+  args = [q, k, v, jnp.asarray(lists.idx), jnp.asarray(lists.cnt), jnp.asarray(lists.cls)]
+  if has_seg:
+    args += [qseg, kvseg]
+  o, lse = plgpu.kernel(
+      entry,
+      out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((b, h, lq), jnp.float32)),
+      grid=(h, n_qt, b),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=w + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(*args)
+  return o, lse
+
+
+def _pad_to(x, axis: int, multiple: int):
+  extra = -x.shape[axis] % multiple
+  if not extra:
+    return x
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, extra)
+  return jnp.pad(x, pads)
+
+
+def gpu_layout(q_len: int, kv_len: int, block_sizes: BlockSizes, *, causal, window, dense_mask,
+               block_mask) -> layout_lib.KernelLayout:
+  """The static layout at the GPU kernel's tiling (``block_q`` x ``block_k``)."""
+  return layout_lib.make_layout(q_len, kv_len, block_sizes.block_q, block_sizes.block_k,
+                                causal=causal, window=window, dense_mask=dense_mask,
+                                block_mask=block_mask)
+
+
+def flash_attention_gpu(q, k, v, *, segment_ids=None, causal: bool = True,
+                        window: int | None = None, block_mask=None, dense_mask=None,
+                        logit_soft_cap: float | None = None, sm_scale: float | None = None,
+                        block_sizes: BlockSizes | None = None, interpret=None,
+                        return_lse: bool = False, p_via_smem: bool | None = None):
+  """Flash attention forward with the Mosaic GPU kernel; XLA reference gradient.
+
+  Args: as ``attention_reference`` plus ``block_sizes`` (GPU: block_q 64 or 128, block_k a
+  multiple of 64, num_stages) and ``interpret`` (None on a GPU; ``plgpu.InterpretGPUParams``
+  to run on CPU). Raises ValueError when ``supported`` reports a reason. ``p_via_smem``: route
+  P through shared memory (default: only in interpret mode, see ``_fwd_call``).
+
+  Returns:
+    ``[batch, q_len, heads, head_dim]`` in q's dtype (and the float32 lse
+    ``[batch, heads, q_len]`` if ``return_lse``; not differentiable then).
+  """
+  bs = block_sizes or BlockSizes()
+  b, q_len, h, d = q.shape
+  kv_len, hkv = k.shape[1], k.shape[2]
+  lay = gpu_layout(q_len, kv_len, bs, causal=causal, window=window, dense_mask=dense_mask,
+                   block_mask=block_mask)
+  reason = supported(q, k, block_sizes=bs, layout=lay)
+  if reason is not None:
+    raise ValueError(f"Mosaic GPU flash attention does not support {reason}")
+  if lay.per_head and lay.classes.shape[0] != h:
+    raise ValueError(f"dense_mask has {lay.classes.shape[0]} heads; expected 1 or {h}")
+  visited = lay.classes[lay.classes != layout_lib.EMPTY]
+  st = _Static(causal=causal, window=window, cap=logit_soft_cap,
+               scale=float(sm_scale) if sm_scale is not None else 1.0 / float(np.sqrt(d)),
+               kv_len=kv_len, block_q=bs.block_q, block_k=bs.block_k, num_stages=bs.num_stages,
+               groups=h // hkv, per_head=lay.per_head, has_seg=segment_ids is not None,
+               any_full=bool((visited == layout_lib.FULL).any()),
+               any_partial=bool((visited == layout_lib.PARTIAL).any()))
+  seg = ref_lib.as_segment_ids(segment_ids, q_len, kv_len)
+
+  def fwd(q, k, v, seg):
+    qp = _pad_to(q, 1, bs.block_q)
+    kp, vp = _pad_to(k, 1, bs.block_k), _pad_to(v, 1, bs.block_k)
+    qs = kvs = None
+    if seg is not None:
+      qs, kvs = _pad_to(seg.q, 1, bs.block_q), _pad_to(seg.kv, 1, bs.block_k)
+    o, lse = _fwd_call(qp, kp, vp, qs, kvs, lay.rows, st, interpret, p_via_smem)
+    return o[:, :q_len], lse[:, :, :q_len]
+
+  if return_lse:
+    return fwd(q, k, v, seg)
+
+  kw = dict(causal=causal, window=window, dense_mask=dense_mask,
+            logit_soft_cap=logit_soft_cap, sm_scale=sm_scale)
+
+  @jax.custom_vjp
+  def attn(q, k, v, seg):
+    return fwd(q, k, v, seg)[0]
+
+  def attn_fwd(q, k, v, seg):
+    return fwd(q, k, v, seg)[0], (q, k, v, seg)
+
+  def attn_bwd(res, do):
+    q, k, v, seg = res
+    _, vjp = jax.vjp(
+        lambda q, k, v: ref_lib.attention_reference(q, k, v, segment_ids=seg, **kw), q, k, v)
+    return (*vjp(do), None)
+
+  attn.defvjp(attn_fwd, attn_bwd)
+  return attn(q, k, v, seg)
