@@ -110,7 +110,7 @@ def init_head_params(cfg: HeadTrainConfig, heads, base_params: Any, width: int,
     variables = heads.init(k1, hidden)
   else:
     variables = heads.init(k1, hidden, jnp.zeros((1, cfg.num_heads, width)))
-  params = {"heads": nn.unbox(init_lm_heads_from_base(variables, nn.unbox(base_params)))}
+  params = {"heads": init_lm_heads_from_base(variables, base_params)}
   if isinstance(heads, HydraHeads) and heads.prefix_layer:
     prefix = heads.prefix_module(parent=None)
     params["prefix"] = nn.unbox(prefix.init(k2, jnp.zeros((1, 2, width)),

@@ -213,11 +213,16 @@ def lm_head_kernel(base_params: Any) -> jax.Array:
 
 
 def init_lm_heads_from_base(head_params: Any, base_params: Any) -> Any:
-  """Copies the base LM head into every draft head's LM head (Medusa's initialisation)."""
+  """Copies the base LM head into every draft head's LM head (Medusa's initialisation).
+
+  Returns the (unboxed) head parameters with every `*lm_head/kernel` replaced.
+  """
   kernel = lm_head_kernel(base_params)
+  head_params = nn.unbox(head_params)
+
   def copy(path, leaf):
     names = [getattr(p, "key", "") for p in path]
     if any(n.endswith("lm_head") for n in names) and names[-1] == "kernel":
-      return jnp.asarray(kernel, leaf.dtype).reshape(leaf.shape)
+      return jnp.array(kernel, leaf.dtype, copy=True).reshape(leaf.shape)  # own buffer
     return leaf
   return jax.tree_util.tree_map_with_path(copy, head_params)
