@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -151,16 +151,17 @@ class Trainer:
     mesh_cfg: mesh axis sizes and logical-axis rules.
     seq_len: training sequence length (for shapes at init).
     batch_size: global batch size.
+    devices: the devices of the mesh (default: all of `jax.devices()`).
   """
 
   def __init__(self, model: DecoderLM, cfg: TrainConfig, mesh_cfg: MeshConfig, seq_len: int,
-               batch_size: int):
+               batch_size: int, devices: Sequence[jax.Device] | None = None):
     self.model, self.cfg, self.mesh_cfg = model, cfg, mesh_cfg
     self.seq_len, self.batch_size = seq_len, batch_size
     if batch_size % cfg.grad_accum_steps:
       raise ValueError(f"train.grad_accum_steps: {cfg.grad_accum_steps} does not divide the "
                        f"batch size {batch_size}")
-    self.mesh = make_mesh(mesh_cfg)
+    self.mesh = make_mesh(mesh_cfg, devices)
     self.rules = list(mesh_cfg.rules)
     self.tx = make_optimizer(cfg)
     self.schedule = learning_rate_schedule(cfg)
