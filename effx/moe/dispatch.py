@@ -103,22 +103,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
   if impl == "pallas":
     return _pallas_grouped_matmul()(lhs, rhs, group_sizes, impl="pallas").astype(lhs.dtype)
   if impl == "blocked":
-    block_group, num_active = _block_metadata(group_sizes, lhs.shape[0], block)
-    return _blocked_gmm(lhs, rhs, block_group, num_active, block)
+    return _blocked_gmm(lhs, rhs, group_sizes.astype(jnp.int32), block)
   raise ValueError(f"grouped_matmul.impl: got {impl!r}; allowed: 'blocked', 'ragged', 'pallas'")
-
-
-def _block_metadata(group_sizes: jax.Array, num_rows: int,
-                    block: int) -> tuple[jax.Array, jax.Array]:
-  """Expert of each block int32 [num_rows // block] and the number of blocks in use."""
-  padded = (group_sizes + block - 1) // block * block
-  ends = jnp.cumsum(padded)
-  starts = jnp.arange(num_rows // block, dtype=ends.dtype) * block
-  # searchsorted(ends, starts, "right") as a sum (jnp.searchsorted fails on shard_map-varying
-  # inputs in jax 0.12).
-  block_group = jnp.sum(ends[None, :] <= starts[:, None], axis=1)
-  block_group = jnp.minimum(block_group, group_sizes.shape[0] - 1).astype(jnp.int32)
-  return block_group, (ends[-1] // block).astype(jnp.int32)
 
 
 def _zeros(shape, dtype, *like: jax.Array) -> jax.Array:
@@ -130,52 +116,70 @@ def _zeros(shape, dtype, *like: jax.Array) -> jax.Array:
   return out
 
 
-def _blocked_forward(lhs, rhs, block_group, num_active, block, transpose_rhs):
-  num_rows = lhs.shape[0]
-  out_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  contract = 1 if transpose_rhs else 0
-
-  def body(i, out):
-    x = jax.lax.dynamic_slice_in_dim(lhs, i * block, block)
-    w = jax.lax.dynamic_index_in_dim(rhs, block_group[i], keepdims=False)
-    y = jax.lax.dot_general(x, w, (((1,), (contract,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), i * block, 0)
-
-  return jax.lax.fori_loop(0, num_active, body,
-                           _zeros((num_rows, out_dim), lhs.dtype, lhs, rhs))
+def _group_blocks(group_sizes: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """First block int32 [G] and number of blocks int32 [G] of each group (aligned layout)."""
+  blocks = ((group_sizes + block - 1) // block).astype(jnp.int32)
+  return jnp.cumsum(blocks) - blocks, blocks
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked_gmm(lhs, rhs, block_group, num_active, block):
-  return _blocked_forward(lhs, rhs, block_group, num_active, block, False)
+def _blocked_forward(lhs, rhs, group_sizes, block):
+  """Outer loop over groups (the weight is sliced once per group), inner loop over the group's
+  blocks; blocks of no group are never visited (their rows stay 0)."""
+  first, blocks = _group_blocks(group_sizes, block)
+
+  def group_body(g, out):
+    w = jax.lax.dynamic_index_in_dim(rhs, g, keepdims=False)
+
+    def block_body(i, out):
+      row = (first[g] + i) * block
+      y = jnp.dot(jax.lax.dynamic_slice_in_dim(lhs, row, block), w,
+                  preferred_element_type=jnp.float32)
+      return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), row, 0)
+
+    return jax.lax.fori_loop(0, blocks[g], block_body, out)
+
+  out = _zeros((lhs.shape[0], rhs.shape[2]), lhs.dtype, lhs, rhs)
+  return jax.lax.fori_loop(0, rhs.shape[0], group_body, out)
 
 
-def _blocked_gmm_fwd(lhs, rhs, block_group, num_active, block):
-  out = _blocked_forward(lhs, rhs, block_group, num_active, block, False)
-  return out, (lhs, rhs, block_group, num_active)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_gmm(lhs, rhs, group_sizes, block):
+  return _blocked_forward(lhs, rhs, group_sizes, block)
+
+
+def _blocked_gmm_fwd(lhs, rhs, group_sizes, block):
+  return _blocked_forward(lhs, rhs, group_sizes, block), (lhs, rhs, group_sizes)
 
 
 def _blocked_gmm_bwd(block, residuals, dout):
-  lhs, rhs, block_group, num_active = residuals
+  """dlhs = dout rhs[g]^T per block; drhs[g] = sum over g's blocks of lhs^T dout (one scan
+  step per group, the group's weight gradient accumulated in the inner loop's carry)."""
+  lhs, rhs, group_sizes = residuals
   dout = dout.astype(lhs.dtype)
+  first, blocks = _group_blocks(group_sizes, block)
 
-  def body(i, carry):
-    dlhs, drhs = carry
-    g = block_group[i]
-    x = jax.lax.dynamic_slice_in_dim(lhs, i * block, block)
-    d = jax.lax.dynamic_slice_in_dim(dout, i * block, block)
+  def group_body(dlhs, g):
     w = jax.lax.dynamic_index_in_dim(rhs, g, keepdims=False)
-    dx = jax.lax.dot_general(d, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    dlhs = jax.lax.dynamic_update_slice_in_dim(dlhs, dx.astype(dlhs.dtype), i * block, 0)
-    dw = jax.lax.dot_general(x, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    dw = jax.lax.dynamic_index_in_dim(drhs, g, keepdims=False) + dw
-    return dlhs, jax.lax.dynamic_update_index_in_dim(drhs, dw, g, 0)
 
-  init = (_zeros(lhs.shape, lhs.dtype, lhs, rhs, dout),
-          _zeros(rhs.shape, jnp.float32, lhs, rhs, dout))
-  dlhs, drhs = jax.lax.fori_loop(0, num_active, body, init)
-  return dlhs, drhs.astype(rhs.dtype), None, None
+    def block_body(i, carry):
+      dlhs, dw = carry
+      row = (first[g] + i) * block
+      x = jax.lax.dynamic_slice_in_dim(lhs, row, block)
+      d = jax.lax.dynamic_slice_in_dim(dout, row, block)
+      dx = jax.lax.dot_general(d, w, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+      dlhs = jax.lax.dynamic_update_slice_in_dim(dlhs, dx.astype(dlhs.dtype), row, 0)
+      dw = dw + jax.lax.dot_general(x, d, (((0,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+      return dlhs, dw
+
+    dw0 = _zeros(rhs.shape[1:], jnp.float32, lhs, rhs, dout)
+    dlhs, dw = jax.lax.fori_loop(0, blocks[g], block_body, (dlhs, dw0))
+    return dlhs, dw.astype(rhs.dtype)
+
+  dlhs0 = _zeros(lhs.shape, lhs.dtype, lhs, rhs, dout)
+  dlhs, drhs = jax.lax.scan(group_body, dlhs0, jnp.arange(rhs.shape[0]))
+  return dlhs, drhs, None
 
 
 _blocked_gmm.defvjp(_blocked_gmm_fwd, _blocked_gmm_bwd)
