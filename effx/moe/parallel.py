@@ -34,11 +34,12 @@ from effx.moe.routers import Routing
 
 
 def expert_axis_size(axis: str | None) -> int:
-  """Size of mesh axis `axis` in the current abstract mesh (`jax.set_mesh`), 1 if absent."""
+  """Size of mesh axis `axis` in the current abstract mesh (`jax.set_mesh`); 1 if absent or
+  already manual (the layer is called inside the caller's own shard_map over it)."""
   if axis is None:
     return 1
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or axis not in mesh.axis_names:
+  if mesh.empty or axis not in mesh.axis_names or axis in mesh.manual_axes:
     return 1
   return int(mesh.shape[axis])
 
