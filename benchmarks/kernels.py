@@ -1,7 +1,7 @@
 r"""Flash-attention forward: our Pallas kernel vs the XLA reference vs jax.nn.dot_product_attention.
 
 Usage:
-  python benchmarks/kernels.py --platform gpu --quick     # H100/H200: < 3 minutes
+  python benchmarks/kernels.py --platform gpu --quick     # H200: ~2.5 minutes
   python benchmarks/kernels.py --platform gpu             # all lengths 1k..16k, extra variants
   python benchmarks/kernels.py --platform cpu             # XLA paths only (see below)
   options: --no-write (do not append to BENCHMARKS.md), --check-only
@@ -113,7 +113,7 @@ def _banner(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def check(platform: str) -> list[str]:
+def check(platform: str, quick: bool) -> list[str]:
   """Kernel vs reference on awkward configs; exits with status 2 on any failure."""
   lines = []
   seg = lambda b, n, parts: jnp.asarray(
@@ -130,7 +130,7 @@ def check(platform: str) -> list[str]:
        {}),
   ]
   variants = [("", {})]
-  if platform == "gpu":
+  if platform == "gpu" and not quick:
     variants.append((" [P via smem, block_q=64]",
                      dict(extra=dict(p_via_smem=True), bs=BlockSizes(64, 128))))
   for name, shape, kw, opts in cases:
@@ -217,7 +217,7 @@ def bench(platform: str, quick: bool) -> tuple[str, list[str]]:
       t = _time(fn, *args)
       tf = flops / t / 1e12
       pct = f"{100 * tf / peak:.1f}" if peak else "n/a"
-      cells = [seq, b, causal, f"{density:.0%}", impl, f"{t * 1e3:.3f}", f"{tf:.1f}", pct]
+      cells = [seq, b, causal, f"{density:.0%}", impl, f"{t * 1e3:.3f}", f"{tf:.3g}", pct]
     except Exception as e:  # noqa: BLE001 -- a baseline may not exist (e.g. cuDNN, OOM)
       msg = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
       cells = [seq, b, causal, f"{density:.0%}", impl, "n/a", "n/a", msg]
@@ -275,7 +275,7 @@ def main():
   print(f"jax {jax.__version__} on {platform}: {jax.devices()[0].device_kind}", flush=True)
   check_lines = []
   if platform in ("gpu", "tpu"):
-    check_lines = check(platform)
+    check_lines = check(platform, ARGS.quick)
   if ARGS.check_only:
     return
   table, notes = bench(platform, ARGS.quick)
@@ -283,8 +283,11 @@ def main():
                                               if check_lines else "")
   print("\n" + body)
   if not ARGS.no_write:
-    append_section(f"Flash attention forward ({platform}{', quick' if ARGS.quick else ''})",
-                   body)
+    try:
+      append_section(f"Flash attention forward ({platform}{', quick' if ARGS.quick else ''})",
+                     body)
+    except Exception as e:  # noqa: BLE001 -- the table is printed above either way
+      print(f"could not append to BENCHMARKS.md: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":
