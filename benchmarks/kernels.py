@@ -268,7 +268,12 @@ def bench(platform: str, quick: bool) -> tuple[str, list[str]]:
 
 
 def main():
-  platform = jax.default_backend()
+  try:
+    platform = jax.default_backend()
+  except Exception as e:  # noqa: BLE001 -- e.g. --platform gpu on a machine without one
+    _banner(f"JAX could not start platform {os.environ.get('JAX_PLATFORMS')!r}: "
+            f"{type(e).__name__}: {e}")
+    sys.exit(2)
   if ARGS.platform is not None and platform != ARGS.platform:
     _banner(f"asked for --platform {ARGS.platform} but JAX runs on {platform}")
     sys.exit(2)
