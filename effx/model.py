@@ -73,8 +73,12 @@ class DecoderBlock(nn.Module):
     return self.make_attention(parent=None).init_cache(batch, max_len, embed_dim)
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids=None, cache=None, new_token_mask=None):
-    """x: [batch, seq, embed] -> ([batch, seq, embed], new cache or None)."""
+  def __call__(self, x, positions, segment_ids=None, cache=None, new_token_mask=None,
+               deterministic: bool = True):
+    """x: [batch, seq, embed] -> ([batch, seq, embed], new cache or None).
+
+    `deterministic=False` (training) is handed to the FFN (MoE capacity factor, router jitter).
+    """
     norm = functools.partial(make_norm, self.norm, epsilon=self.norm_epsilon, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     h, cache = self.make_attention(name="attention")(
@@ -82,7 +86,7 @@ class DecoderBlock(nn.Module):
         new_token_mask=new_token_mask)
     x = x + h
     ffn = self.ffn(dtype=self.dtype, param_dtype=self.param_dtype, name="ffn")
-    x = x + ffn(norm(name="ffn_norm")(x))
+    x = x + ffn(norm(name="ffn_norm")(x), deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     return x, cache
 
@@ -93,6 +97,7 @@ class BlockGroup(nn.Module):
   pattern: Sequence[ModuleFactory]
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x, caches, positions, segment_ids, new_token_mask):
@@ -100,7 +105,7 @@ class BlockGroup(nn.Module):
     for i, factory in enumerate(self.pattern):
       cache = None if caches is None else caches[i]
       x, cache = factory(dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{i}")(
-          x, positions, segment_ids, cache, new_token_mask)
+          x, positions, segment_ids, cache, new_token_mask, self.deterministic)
       new_caches.append(cache)
     return x, (None if caches is None else tuple(new_caches))
 
@@ -117,7 +122,8 @@ class DecoderLM(nn.Module):
   Call: `model(tokens, positions=None, segment_ids=None, cache=None, new_token_mask=None)`
     tokens: int32 [batch, seq]; positions: int32 [batch, seq] (default 0..seq-1, or the cache
     length onwards when a cache is given); segment_ids: int32 [batch, seq] for packed documents;
-    cache: from `init_cache`; new_token_mask: bool [batch, seq, seq] (a draft tree's mask).
+    cache: from `init_cache`; new_token_mask: bool [batch, seq, seq] (a draft tree's mask);
+    deterministic: False in training (MoE train capacity factor and router jitter).
     Returns `LMOutput(logits [batch, seq, vocab] f32, hidden [batch, seq, embed], cache)`.
 
   Attributes:
@@ -190,7 +196,7 @@ class DecoderLM(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: tuple | None = None,
-               new_token_mask: jax.Array | None = None) -> LMOutput:
+               new_token_mask: jax.Array | None = None, deterministic: bool = True) -> LMOutput:
     if tokens.ndim != 2:
       raise ValueError(f"DecoderLM: tokens must be [batch, seq], got shape {tokens.shape}")
     if positions is None:
@@ -209,14 +215,15 @@ class DecoderLM(nn.Module):
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
           length=self.num_repeats,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, cache = scanned(tuple(self.layer_pattern), self.dtype, self.param_dtype, name="layers")(
+      x, cache = scanned(tuple(self.layer_pattern), self.dtype, self.param_dtype, deterministic,
+                         name="layers")(
           x, cache, positions, segment_ids, new_token_mask)
     else:
       new_caches = []
       for r in range(self.num_repeats):
         caches_r = None if cache is None else jax.tree.map(lambda a: a[r], cache)
         x, caches_r = group(tuple(self.layer_pattern), self.dtype, self.param_dtype,
-                            name=f"repeat_{r}")(x, caches_r, positions, segment_ids,
+                            deterministic, name=f"repeat_{r}")(x, caches_r, positions, segment_ids,
                                                 new_token_mask)
         new_caches.append(caches_r)
       if cache is not None:

@@ -198,10 +198,10 @@ class Trainer:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return init(self.base_key)
 
-  def _forward(self, params, model_state, batch, key):
+  def _forward(self, params, model_state, batch, key, deterministic: bool):
     out, sown = self.model.apply(
         {"params": params, **model_state}, batch["inputs"], batch["positions"],
-        batch["segment_ids"], rngs={"dropout": key, "router": key},
+        batch["segment_ids"], deterministic=deterministic, rngs={"dropout": key, "router": key},
         mutable=["aux_loss", "metrics", *model_state.keys()])
     ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
     weights = batch["weights"].astype(jnp.float32)
@@ -215,7 +215,8 @@ class Trainer:
     total_weight = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
 
     def micro_loss(params, mb, k):
-      ce, weights, correct, sown = self._forward(params, state.model_state, mb, k)
+      ce, weights, correct, sown = self._forward(params, state.model_state, mb, k,
+                                                 deterministic=False)
       aux = sum_sown(sown.get("aux_loss", {}))
       loss = jnp.sum(ce * weights) / total_weight + aux / accum
       stats = dict(nll=jnp.sum(ce * weights), correct=jnp.sum(correct * weights), aux=aux)
@@ -248,7 +249,7 @@ class Trainer:
 
   def _eval(self, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     ce, weights, correct, _ = self._forward(state.params, state.model_state, batch,
-                                            self.base_key)
+                                            self.base_key, deterministic=True)
     return dict(nll=jnp.sum(ce * weights), correct=jnp.sum(correct * weights),
                 tokens=jnp.sum(weights))
 

@@ -49,7 +49,8 @@ class MLP(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """x: [batch, seq, embed] -> same; `deterministic` is accepted for the FFN slot, unused."""
     dense = lambda feats, names, name: nn.Dense(
         feats, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=partitioned(fan_in_normal(), names),
@@ -81,7 +82,8 @@ class GatedMLP(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """x: [batch, seq, embed] -> same; `deterministic` is accepted for the FFN slot, unused."""
     wi = self.param("wi", partitioned(fan_in_normal(), ("embed", None, "mlp")),
                     (x.shape[-1], 2, self.hidden_dim), self.param_dtype)
     wo = self.param("wo", partitioned(fan_in_normal(), ("mlp", "embed")),
