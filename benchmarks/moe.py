@@ -13,6 +13,7 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -138,7 +139,8 @@ def main() -> None:
       f"losses in the loss); min over {args.rounds} interleaved rounds of wall time and of "
       f"process CPU time (all threads; steadier than wall time on a shared machine); `auto` "
       f"dropless backend here: {dispatch_lib.resolve_impl('auto')}; block size "
-      f"{args.block_size}.",
+      f"{args.block_size}. Load average during the run: "
+      f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} (1/5/15 min).",
       "",
       "| layer | fwd ms | x dense | fwd CPU x dense | fwd+bwd ms | x dense | fwd+bwd CPU x dense |",
       "|---|---:|---:|---:|---:|---:|---:|",
