@@ -70,7 +70,7 @@ class DecoderBlock(nn.Module):
 
   def init_cache(self, batch: int, max_len: int, embed_dim: int) -> Any:
     """An empty cache of this block's attention (see the attention kind's `init_cache`)."""
-    return self.make_attention(parent=None).init_cache(batch, max_len, embed_dim)
+    return self.make_attention(parent=None).init_cache(batch, max_len, embed_dim=embed_dim)
 
   @nn.compact
   def __call__(self, x, positions, segment_ids=None, cache=None, new_token_mask=None,

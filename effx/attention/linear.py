@@ -20,7 +20,8 @@ Three forms compute the same function (values and gradients; the tests check it)
 - ``linear_attention_chunked``: chunks of ``C`` tokens, the parallel form inside a chunk and the
   state across chunks, ``O(T·C·d + T·d²)``. Diagonal gates use a second level of sub-chunks
   (≤ 16 tokens) whose exponents are all ≤ 0, so any gate strength is stable. The delta rule uses
-  the UT transform: ``U = (I + diag(β) L(KKᵀ))⁻¹ diag(β)(V - K S)`` by a triangular solve.
+  the UT transform: ``U = (I + diag(β) L(KKᵀ))⁻¹ diag(β)(V - K S)`` by forward substitution
+  (``solve_unit_lower``).
   Lengths that are not a multiple of ``C`` are padded.
 - ``linear_attention_recurrent``: a token-by-token ``lax.scan`` (what decode uses).
 
@@ -102,6 +103,61 @@ def _exp_masked(x: Array, mask: Array) -> Array:
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
+def _forward_substitution(a: Array, b: Array) -> Array:
+    """X with (I + L) X = B, L the strictly lower part of ``a`` (diagonal and upper ignored)."""
+    c = a.shape[-1]
+
+    def body(i, x):  # rows ≥ i of x are still 0, so a[i] · x only sees j < i
+        row = jax.lax.dynamic_index_in_dim(a, i, axis=-2, keepdims=False)
+        xi = jax.lax.dynamic_index_in_dim(b, i, axis=-2, keepdims=False)
+        xi = xi - jnp.einsum("...j,...je->...e", row, x)
+        return jax.lax.dynamic_update_index_in_dim(x, xi, i, axis=-2)
+
+    return jax.lax.fori_loop(0, c, body, jnp.zeros_like(b))
+
+
+def _backward_substitution(a: Array, g: Array) -> Array:
+    """Y with (I + L)ᵀ Y = G, L the strictly lower part of ``a``."""
+    c = a.shape[-1]
+
+    def body(n, y):  # i = c-1 .. 0; rows ≤ i of y are still 0, so a[:, i] · y sees j > i
+        i = c - 1 - n
+        col = jax.lax.dynamic_index_in_dim(a, i, axis=-1, keepdims=False)
+        yi = jax.lax.dynamic_index_in_dim(g, i, axis=-2, keepdims=False)
+        yi = yi - jnp.einsum("...j,...je->...e", col, y)
+        return jax.lax.dynamic_update_index_in_dim(y, yi, i, axis=-2)
+
+    return jax.lax.fori_loop(0, c, body, jnp.zeros_like(g))
+
+
+@jax.custom_vjp
+def solve_unit_lower(a: Array, b: Array) -> Array:
+    """``(I + strict_lower(a))⁻¹ b`` for ``a: [..., C, C]``, ``b: [..., C, e]`` (same batch).
+
+    Row-by-row forward substitution (``C`` vectorised steps; XLA's batched ``triangular_solve``
+    is very slow on CPU) with a hand-written VJP that stores only ``a`` and the solution:
+    ``db = (I + L)⁻ᵀ g``, ``da = -strict_lower(db xᵀ)``.
+    """
+    return _forward_substitution(a, b)
+
+
+def _solve_fwd(a: Array, b: Array) -> tuple[Array, tuple[Array, Array]]:
+    x = _forward_substitution(a, b)
+    return x, (a, x)
+
+
+def _solve_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    a, x = res
+    db = _backward_substitution(a, g)
+    c = a.shape[-1]
+    strict = np.tril(np.ones((c, c), bool), -1)
+    da = jnp.where(strict, -jnp.einsum("...ie,...je->...ij", db, x), 0.0).astype(a.dtype)
+    return da, db
+
+
+solve_unit_lower.defvjp(_solve_fwd, _solve_bwd)
+
+
 def linear_attention_parallel(
     q: Array, k: Array, v: Array, *, log_decay: Array | None = None,
     beta: Array | None = None, segment_ids: Array | None = None,
@@ -149,11 +205,10 @@ def linear_attention_parallel(
         bt = jnp.moveaxis(beta, 1, 2)  # [B, H, T]
         kk = jnp.einsum("bihd,bjhd->bhij", k, k)
         strict = allowed_h & ~jnp.eye(t, dtype=bool)
-        a = jnp.eye(t, dtype=cdt) + bt[..., :, None] * jnp.where(strict, kk, 0.0)
+        a = bt[..., :, None] * jnp.where(strict, kk, 0.0)  # strictly lower part of A
         ks0 = jnp.einsum("bihd,bhde->bhie", k, s0)
         rhs = bt[..., None] * (jnp.moveaxis(v, 1, 2) - first[:, None, :, None] * ks0)
-        u = jax.lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True,
-                                            unit_diagonal=True)  # [B, H, T, dv]
+        u = solve_unit_lower(a, rhs)  # [B, H, T, dv]
         qk = jnp.where(allowed_h, jnp.einsum("bihd,bjhd->bhij", q, k), 0.0)
         y = jnp.einsum("bhij,bhje->bihe", qk, u)
         y = y + first[:, :, None, None] * jnp.einsum("bihd,bhde->bihe", q, s0)
@@ -279,11 +334,10 @@ def linear_attention_chunked(
         bc = _to_chunks(beta.astype(cdt), c)  # [B, H, N, C]
         strict = allowed & ~np.eye(c, dtype=bool)
         kk = jnp.einsum("bhncd,bhnsd->bhncs", kc, kc)
-        a = jnp.eye(c, dtype=cdt) + bc[..., :, None] * jnp.where(strict, kk, 0.0)
-        solve = lambda rhs: jax.lax.linalg.triangular_solve(
-            a, rhs, left_side=True, lower=True, unit_diagonal=True)
-        u_tilde = solve(bc[..., None] * vc)  # [B, H, N, C, dv]
-        w = solve((bc * m)[..., None] * kc)  # [B, H, N, C, dk]
+        a = bc[..., :, None] * jnp.where(strict, kk, 0.0)  # strictly lower part of A
+        rhs = jnp.concatenate([bc[..., None] * vc, (bc * m)[..., None] * kc], axis=-1)
+        sol = solve_unit_lower(a, rhs)
+        u_tilde, w = sol[..., :dv], sol[..., dv:]  # [B, H, N, C, dv], [B, H, N, C, dk]
         kl = kc * l[..., None]
 
         def body(s, xs):
@@ -611,11 +665,12 @@ class LinearAttention(nn.Module):
         """d_φ, the state's row count."""
         return FeatureMap(self.feature_map, self.num_random_features).output_dim(self.key_dim)
 
-    def init_cache(self, batch: int, max_len: int, dtype: Dtype = jnp.float32
+    def init_cache(self, batch: int, max_len: int, dtype: Dtype = jnp.float32, *,
+                   embed_dim: int | None = None
                    ) -> LinearAttentionCache:
-        """Empty cache (zero state, length 0). ``max_len`` is unused (the state is O(1));
-        ``dtype`` is the state's dtype (float32 recommended)."""
-        del max_len
+        """Empty cache (zero state, length 0). ``max_len`` and ``embed_dim`` are unused (the
+        state is O(1)); ``dtype`` is the state's dtype (float32 recommended)."""
+        del max_len, embed_dim
         h, dk, dv, m = self.num_heads, self.feature_dim, self.head_dim, self.max_new_tokens
         state = jnp.zeros((batch, h, dk, dv), dtype)
         z = jnp.zeros((batch, h, dk), dtype) if self.use_denominator else None
@@ -852,7 +907,8 @@ class SlidingWindowAttention(nn.Module):
             raise ValueError(f"rope_base={self.rope_base!r}: must be > 0")
         super().__post_init__()
 
-    def init_cache(self, batch: int, max_len: int, dtype: Dtype = jnp.float32) -> WindowKVCache:
+    def init_cache(self, batch: int, max_len: int, dtype: Dtype = jnp.float32, *,
+                   embed_dim: int | None = None) -> WindowKVCache:
         """Empty ring cache; ``max_len`` is unused (the ring has ``window + max_new_tokens``
         slots)."""
         del max_len
@@ -969,7 +1025,8 @@ class BasedAttention(nn.Module):
         SlidingWindowAttention(**_based_window_kwargs(self), parent=None)
         super().__post_init__()
 
-    def init_cache(self, batch: int, max_len: int, dtype: Dtype = jnp.float32) -> BasedCache:
+    def init_cache(self, batch: int, max_len: int, dtype: Dtype = jnp.float32, *,
+                   embed_dim: int | None = None) -> BasedCache:
         """Empty caches of both parts (length 0)."""
         lin = LinearAttention(**_based_linear_kwargs(self), parent=None)
         win = SlidingWindowAttention(**_based_window_kwargs(self), parent=None)
