@@ -82,11 +82,12 @@ def data_dir(tmp_path_factory):
 
 def test_grad_accumulation_equals_one_big_batch():
   batch = _batch(batch=4)
-  runs = {}
+  runs, init = {}, None
   for accum in (1, 2):
     trainer = Trainer(MODEL, _cfg(grad_accum_steps=accum, warmup_steps=0, learning_rate=1e-3),
                       ONE_DEVICE, seq_len=16, batch_size=4)
-    state = trainer.init_state()
+    init = trainer.init_state() if init is None else init  # same params and optimizer state
+    state = jax.tree.map(jnp.copy, init)  # train_step donates its state
     metrics = []
     for _ in range(2):
       state, m = trainer.train_step(state, batch)
