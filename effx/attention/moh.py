@@ -38,6 +38,11 @@ Implementations (`impl`):
   summed back per token. Query-side work (q projection, logits, softmax, PV, output
   projection) is proportional to `(h_s + K) / num_heads` plus at most one padded block per
   (row, head). Keys and values are projected for every KV head (all are needed by some query).
+  Causal work is skipped too, exactly for any mask (run-time checks): schedule "loop" (CPU)
+  runs the blocks one after another (`lax.map`), skips blocks without a real row and lets
+  each block stop at the first of <= 8 static key lengths covering its allowed keys;
+  "batched" (GPU/TPU) runs all blocks of a `query_chunk`-token chunk at once, reading the keys
+  up to the chunk's end and the later ones only if the chunk's mask allows one.
   Serves all three call patterns (sequence, decode, tree verification).
 """
 
@@ -60,6 +65,7 @@ from effx.layers.rotary import RotaryConfig, apply_rotary
 IMPLS = MHA_IMPLS + ("head_sparse",)
 ROUTINGS = ("topk", "all")
 ROUTER_FNS = ("softmax", "sigmoid")
+SCHEDULES = ("auto", "loop", "batched")
 
 
 class HeadRouting(NamedTuple):
@@ -201,7 +207,8 @@ def head_sparse_attention(
     x: jax.Array, positions: jax.Array, routing: HeadRouting, q_kernel: jax.Array,
     q_bias: jax.Array | None, k: jax.Array, v: jax.Array, out_kernel: jax.Array,
     allowed_rows: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array], *,
-    rotary: RotaryConfig, block_q: int, logit_soft_cap: float | None = None,
+    rotary: RotaryConfig, block_q: int = 128, schedule: str = "loop", key_block: int = 128,
+    query_chunk: int | None = None, logit_soft_cap: float | None = None,
     dtype: jnp.dtype = jnp.float32) -> jax.Array:
   """sum over active heads i of g_i H_i W_O^i, computing only the active (token, head) pairs.
 
@@ -212,46 +219,108 @@ def head_sparse_attention(
     k, v: [batch, S, kv_heads, head_dim] every key/value the tokens may read (rotary applied).
     out_kernel: [heads, head_dim, embed] W_O.
     allowed_rows: f(batch_idx [NB, R], token_idx [NB, R], block_batch [NB], block_head [NB])
-      -> bool [NB, R, S]: which of the S keys each row (a token under one head) may read.
+      -> bool [NB, R, S]: which of the S keys each row (token `token_idx` under the block's
+      head) may read.
     rotary: rotary config for the queries; block_q: rows per block (capped at T).
+    schedule: "loop" (`lax.map` over blocks: a block with no real row is skipped, and a block
+      reads only the keys up to its last allowed one, rounded up to `key_block`-multiples
+      (at most 8 lengths) through `lax.switch`; `jax.checkpoint`-ed, so the backward keeps
+      O(block) residuals; best on CPU) or "batched" (all blocks of a chunk at once; for
+      GPU/TPU). Both are exact for any mask.
+    key_block: "loop": granularity of the key lengths a block may stop at (>= S/8).
+    query_chunk: "batched": None (one chunk), or the tokens are processed in chunks of this
+      many, chunk [lo, hi) reading keys [0, hi) and the keys >= hi only when `allowed_rows`
+      permits one of them (`lax.cond`): causal self-attention (S = T) does about half the work.
     logit_soft_cap, dtype: as in MultiHeadAttention.
 
   Returns:
     [batch, T, embed] in `dtype`.
   """
-  batch, t, embed = x.shape
+  t = x.shape[1]
+  if schedule == "loop":
+    return _head_sparse_chunk(x, positions, routing, q_kernel, q_bias, k, v, out_kernel,
+                              allowed_rows, 0, t, prefix=None, loop_key_block=key_block,
+                              rotary=rotary, block_q=block_q, logit_soft_cap=logit_soft_cap,
+                              dtype=dtype)
+  step = t if query_chunk is None else query_chunk
+  return jnp.concatenate([
+      _head_sparse_chunk(x, positions, routing, q_kernel, q_bias, k, v, out_kernel, allowed_rows,
+                         lo, min(lo + step, t), prefix=min(lo + step, t), loop_key_block=None,
+                         rotary=rotary, block_q=block_q, logit_soft_cap=logit_soft_cap,
+                         dtype=dtype)
+      for lo in range(0, t, step)], axis=1)
+
+
+def _key_lengths(s: int, key_block: int, max_lengths: int = 8) -> list[int]:
+  """Static key prefix lengths a "loop" block may stop at (ascending, the last is s)."""
+  step = max(key_block, -(-s // max_lengths))
+  return sorted({min(s, j * step) for j in range(1, -(-s // step) + 1)})
+
+
+def _head_sparse_chunk(x, positions, routing, q_kernel, q_bias, k, v, out_kernel, allowed_rows,
+                       lo, hi, *, prefix, loop_key_block, rotary, block_q, logit_soft_cap, dtype):
+  """head_sparse_attention for tokens [lo, hi): "loop" if loop_key_block else "batched"."""
+  batch, _, embed = x.shape
+  t = hi - lo
   num_heads, head_dim = q_kernel.shape[1:]
-  kv_heads = k.shape[2]
+  kv_heads, s = k.shape[2], k.shape[1]
   a = routing.heads.shape[-1]
-  rows_per_block = max(1, min(block_q, t))
-  lay = pair_blocks(routing.heads, num_heads, rows_per_block)
+  rows = max(1, min(block_q, t))
+  lay = pair_blocks(routing.heads[:, lo:hi], num_heads, rows)
   nb = lay.block_head.shape[0]
   n = batch * t * a
-  token = jnp.minimum(lay.row_pair, n - 1) // a  # [NB * R] flat (b * T + t)
-  b_idx = (token // t).reshape(nb, rows_per_block)
-  t_idx = (token % t).reshape(nb, rows_per_block)
-  x_rows = x.reshape(batch * t, embed)[token].reshape(nb, rows_per_block, embed)
-  w_q = jnp.moveaxis(q_kernel, 1, 0)[lay.block_head]  # [NB, embed, head_dim]
-  q = jnp.einsum("nre,ned->nrd", x_rows.astype(dtype), w_q.astype(dtype))
-  if q_bias is not None:
-    q = q + q_bias[lay.block_head][:, None].astype(dtype)
-  q = apply_rotary(q[:, :, None], positions[b_idx, t_idx], rotary)  # [NB, R, 1, D]
+  pair = jnp.minimum(lay.row_pair, n - 1)
+  token = pair // a  # [NB * R] flat (b * t + local token)
+  b_idx = (token // t).reshape(nb, rows)
+  t_idx = (token % t).reshape(nb, rows) + lo
+  valid = lay.row_valid.reshape(nb, rows)
+  gate = jnp.where(lay.row_valid, routing.head_gates[:, lo:hi].reshape(n)[pair], 0.0)
+  gate = gate.reshape(nb, rows)
   kv_index = lay.block_batch * kv_heads + lay.block_head // (num_heads // kv_heads)
-  s = k.shape[1]
+  k_heads = jnp.swapaxes(k, 1, 2).reshape(batch * kv_heads, s, head_dim)
+  v_heads = jnp.swapaxes(v, 1, 2).reshape(batch * kv_heads, s, head_dim)
+  w_q = jnp.moveaxis(q_kernel, 1, 0)  # [heads, embed, head_dim]
 
-  def per_head(u):  # [B, S, KV, D] -> [NB, S, 1, D]
-    return jnp.swapaxes(u, 1, 2).reshape(batch * kv_heads, s, head_dim)[kv_index][:, :, None]
+  def blocks(b_idx, t_idx, block_batch, block_head, kv_index, gate, valid, lengths):
+    """[NB', R] rows of NB' blocks -> float32 [NB', R, embed] gated, W_O-projected outputs."""
+    q = jnp.einsum("nre,ned->nrd", x[b_idx, t_idx].astype(dtype), w_q[block_head].astype(dtype))
+    if q_bias is not None:
+      q = q + q_bias[block_head][:, None].astype(dtype)
+    q = apply_rotary(q[:, :, None], positions[b_idx, t_idx], rotary)  # [NB', R, 1, D]
+    allowed = allowed_rows(b_idx, t_idx, block_batch, block_head) & valid[..., None]
 
-  allowed = allowed_rows(b_idx, t_idx, lay.block_batch, lay.block_head)
-  allowed = allowed & lay.row_valid.reshape(nb, rows_per_block, 1)
-  out = dot_product_attention(q, per_head(k).astype(q.dtype), per_head(v).astype(q.dtype),
-                              allowed[:, None], logit_soft_cap=logit_soft_cap)[:, :, 0]
-  gate = jnp.where(lay.row_valid, routing.head_gates.reshape(n)[jnp.minimum(lay.row_pair, n - 1)],
-                   0.0).reshape(nb, rows_per_block, 1)
-  out = (out.astype(jnp.float32) * gate).astype(dtype)
-  contrib = jnp.einsum("nrd,nde->nre", out, out_kernel[lay.block_head].astype(dtype),
-                       preferred_element_type=jnp.float32)
-  y = contrib.reshape(nb * rows_per_block, embed)[lay.pair_row].reshape(batch, t, a, embed)
+    def attend(num_keys):
+      def run():
+        def per_head(u):  # -> [NB', num_keys, 1, D]
+          return u[kv_index, :num_keys][:, :, None].astype(q.dtype)
+        return dot_product_attention(q, per_head(k_heads), per_head(v_heads),
+                                     allowed[:, None, :, :num_keys],
+                                     logit_soft_cap=logit_soft_cap)
+      return run
+
+    if len(lengths) == 1:
+      out = attend(lengths[0])()
+    elif len(lengths) == 2:  # "batched": keys [0, prefix), and the rest only if allowed
+      out = jax.lax.cond(jnp.any(allowed[..., lengths[0]:]), attend(lengths[1]),
+                         attend(lengths[0]))
+    else:  # "loop" (one block): stop at the first static length covering its allowed keys
+      last = jnp.max(jnp.where(allowed, jnp.arange(s), -1))
+      which = jnp.searchsorted(jnp.asarray(lengths), last + 1)
+      out = jax.lax.switch(jnp.minimum(which, len(lengths) - 1), [attend(m) for m in lengths])
+    out = (out[:, :, 0].astype(jnp.float32) * gate[..., None]).astype(dtype)
+    return jnp.einsum("nrd,nde->nre", out, out_kernel[block_head].astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+  per_block = (b_idx, t_idx, lay.block_batch, lay.block_head, kv_index, gate, valid)
+  if loop_key_block is None:
+    lengths = [s] if prefix is None or prefix >= s else [prefix, s]
+    contrib = blocks(*per_block, lengths)
+  else:
+    lengths = _key_lengths(s, loop_key_block)
+    one = jax.checkpoint(lambda *xs: blocks(*(u[None] for u in xs), lengths)[0])
+    skip = lambda *xs: jnp.zeros((rows, embed), jnp.float32)  # noqa: E731
+    contrib = jax.lax.map(lambda xs: jax.lax.cond(jnp.any(xs[-1]), one, skip, *xs), per_block)
+  y = contrib.reshape(nb * rows, embed)[lay.pair_row].reshape(batch, t, a, embed)
   return jnp.sum(y, axis=2).astype(dtype)
 
 
@@ -274,7 +343,15 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
     balance_coef: coefficient of the load-balance loss (0 = not sown).
     impl: "head_sparse" (compute only active (token, head) pairs) or a dense path of
       MultiHeadAttention ("xla" reference, "cudnn", "blockwise", "pallas").
-    block_q: rows per (row, head) block of "head_sparse" (capped at T).
+    block_q: rows per (row, head) block of "head_sparse" (capped at the chunk length).
+    sparse_schedule: "head_sparse" block schedule: "loop" (blocks one after another, each
+      skipping keys past its last allowed one; CPU), "batched" (all blocks at once; GPU/TPU),
+      "auto" = "loop" on CPU, else "batched". See `head_sparse_attention`.
+    sparse_key_block: "loop": key-length granularity a block may stop at (>= S / 8).
+    query_chunk: "batched" without a cache processes the sequence in chunks of this many
+      tokens; chunk [lo, hi) reads keys [0, hi) and the later keys only if its mask allows one
+      (checked at run time, so exact for any positions): causal work about halves. None = one
+      chunk. With a cache all T new tokens are one chunk.
   """
 
   num_shared_heads: int = 0
@@ -282,7 +359,10 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
   routing: str = "topk"
   router_fn: str = "softmax"
   balance_coef: float = 0.01
-  block_q: int = 64
+  block_q: int = 128
+  sparse_schedule: str = "auto"
+  sparse_key_block: int = 128
+  query_chunk: int | None = 512
 
   _impls: ClassVar[tuple[str, ...]] = IMPLS
 
@@ -306,6 +386,13 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
       raise ValueError(f"moh.balance_coef: got {self.balance_coef}; must be >= 0")
     if self.block_q < 1:
       raise ValueError(f"moh.block_q: got {self.block_q}; must be >= 1")
+    if self.sparse_schedule not in SCHEDULES:
+      raise ValueError(f"moh.sparse_schedule: got {self.sparse_schedule!r}; allowed: "
+                       f"{list(SCHEDULES)}")
+    if self.sparse_key_block < 1:
+      raise ValueError(f"moh.sparse_key_block: got {self.sparse_key_block}; must be >= 1")
+    if self.query_chunk is not None and self.query_chunk < 1:
+      raise ValueError(f"moh.query_chunk: got {self.query_chunk}; must be >= 1 or None")
 
   @property
   def num_routed_heads(self) -> int:
@@ -318,6 +405,13 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
     if not routed:
       return 0
     return max(1, routed // 2) if self.top_k is None else self.top_k
+
+  @property
+  def resolved_schedule(self) -> str:
+    """The "head_sparse" block schedule: "loop" or "batched" ("auto": loop on CPU)."""
+    if self.sparse_schedule != "auto":
+      return self.sparse_schedule
+    return "loop" if jax.default_backend() == "cpu" else "batched"
 
   @property
   def active_heads(self) -> int:
@@ -404,6 +498,8 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
 
     y = head_sparse_attention(x, positions, routing, q_kernel, q_bias, keys, values, out_kernel,
                               allowed_rows, rotary=self.rotary, block_q=self.block_q,
+                              schedule=self.resolved_schedule, key_block=self.sparse_key_block,
+                              query_chunk=self.query_chunk if cache is None else None,
                               logit_soft_cap=self.logit_soft_cap, dtype=self.dtype)
     return y, new_cache
 

@@ -251,10 +251,16 @@ def _loss_fn(module, x_shape):
 
 
 @pytest.mark.parametrize("extra", [
-    dict(router_fn="softmax", block_q=3),
+    # "loop" blocks stopping at key lengths 2, 4, 6, 8 (lax.switch).
+    dict(router_fn="softmax", block_q=3, sparse_schedule="loop", sparse_key_block=2),
+    # "batched" in causal chunks of 3 tokens (the later keys are skipped).
     dict(router_fn="sigmoid", block_q=64, num_shared_heads=0, top_k=1, logit_soft_cap=4.0,
-         mask=masks.CausalMask() & masks.SlidingWindowMask(3), num_kv_heads=1),
-    dict(mask=masks.CausalMask() & masks.StridedMask(2, H), block_q=2),
+         mask=masks.CausalMask() & masks.SlidingWindowMask(3), num_kv_heads=1,
+         sparse_schedule="batched", query_chunk=3),
+    # Per-head mask, default "loop".
+    dict(mask=masks.CausalMask() & masks.StridedMask(2, H), block_q=2, sparse_schedule="loop"),
+    # Not causal: "batched" chunks must read the later keys (the other lax.cond branch).
+    dict(mask=masks.FullMask(), block_q=4, sparse_schedule="batched", query_chunk=4),
 ])
 def test_head_sparse_matches_xla_values_and_grads(extra):
     kw = {**MOH, **extra}
@@ -318,7 +324,7 @@ def test_packed_segments_do_not_interact(impl):
 
 @pytest.mark.parametrize("impl", ["xla", "head_sparse"])
 def test_decode_matches_full_forward(impl):
-    module = MixtureOfHeadsAttention(**MOH, impl=impl, block_q=4)
+    module = MixtureOfHeadsAttention(**MOH, impl=impl, block_q=4, sparse_key_block=4)
     params = _params(module)
     x = _x()
     pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
@@ -348,7 +354,7 @@ def _tree():
 
 @pytest.mark.parametrize("impl", ["xla", "head_sparse"])
 def test_tree_verification_matches_per_path_decode(impl):
-    module = MixtureOfHeadsAttention(**MOH, impl=impl, block_q=2)
+    module = MixtureOfHeadsAttention(**MOH, impl=impl, block_q=2, sparse_key_block=3)
     params = _params(module)
     parents, depth, anc = _tree()
     n = len(parents)
@@ -372,10 +378,11 @@ def test_tree_verification_matches_per_path_decode(impl):
 
 
 def test_head_sparse_cache_matches_xla_cache():
-    """Tree verification with a per-head mask: both impls agree (values)."""
+    """Tree verification with a per-head mask, "batched" schedule: both impls agree."""
     kw = {**MOH, "mask": masks.CausalMask() & masks.StridedMask(2, H)}
     dense = MixtureOfHeadsAttention(**kw, impl="xla")
-    sparse = MixtureOfHeadsAttention(**kw, impl="head_sparse", block_q=2)
+    sparse = MixtureOfHeadsAttention(**kw, impl="head_sparse", block_q=2,
+                                     sparse_schedule="batched")
     params = _params(dense)
     _, _, anc = _tree()
     n = anc.shape[0]
@@ -405,6 +412,9 @@ def test_head_sparse_cache_matches_xla_cache():
     (dict(router_fn="relu"), "router_fn"),
     (dict(impl="sparse"), "impl"),
     (dict(block_q=0), "block_q"),
+    (dict(sparse_schedule="gpu"), "sparse_schedule"),
+    (dict(sparse_key_block=0), "sparse_key_block"),
+    (dict(query_chunk=0), "query_chunk"),
     (dict(balance_coef=-0.1), "balance_coef"),
     (dict(num_kv_heads=4), "num_kv_heads"),
 ])
@@ -416,8 +426,17 @@ def test_config_errors(kw, field):
     assert value.strip("'") in str(err.value)
 
 
+def test_key_lengths():
+    assert moh._key_lengths(8, 2) == [2, 4, 6, 8]
+    assert moh._key_lengths(8, 128) == [8]
+    assert moh._key_lengths(4096, 128) == [512 * j for j in range(1, 9)]  # at most 8
+    assert moh._key_lengths(1000, 300) == [300, 600, 900, 1000]
+
+
 def test_defaults():
     m = MixtureOfHeadsAttention(num_heads=8, num_shared_heads=2)
     assert (m.num_routed_heads, m.resolved_top_k, m.active_heads) == (6, 3, 5)
     assert MixtureOfHeadsAttention(num_heads=8, routing="all").active_heads == 8
     assert MixtureOfHeadsAttention(num_heads=4, num_shared_heads=4).resolved_top_k == 0
+    assert MixtureOfHeadsAttention(num_heads=4).resolved_schedule == (
+        "loop" if jax.default_backend() == "cpu" else "batched")
