@@ -165,11 +165,19 @@ class DecoderLM(nn.Module):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"model.remat_policy: got {self.remat_policy!r}; allowed: "
                        f"{sorted(REMAT_POLICIES)}")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise ValueError(f"model.{name}: got {getattr(self, name)!r}; must be a dtype such as "
+                         "jnp.float32 or jnp.bfloat16") from None
     for factory in self.layer_pattern:  # widths the attention kinds cannot split
-      attention = factory(parent=None).make_attention(parent=None)
+      block = factory(parent=None)
+      attention = block.make_attention(parent=None)
       check = getattr(attention, "resolved_head_dim", None)
       if check is not None:
         check(self.embed_dim)
+      block.ffn(parent=None)  # the FFN's own field checks (e.g. MoE top_k), before any compute
     super().__post_init__()
 
   @property

@@ -37,6 +37,11 @@ class GenerateConfig:
       raise ValueError(f"generate.max_new_tokens: got {self.max_new_tokens}; must be >= 1")
     if self.max_len < 2:
       raise ValueError(f"generate.max_len: got {self.max_len}; must be >= 2")
+    prompt_bytes = len(self.prompt.encode("utf-8"))
+    needed = 1 + prompt_bytes + self.max_new_tokens  # BOS + prompt + new tokens
+    if needed > self.max_len:
+      raise ValueError(f"generate.max_len: got {self.max_len}; the prompt ({prompt_bytes} bytes "
+                       f"+ BOS) plus max_new_tokens={self.max_new_tokens} needs >= {needed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,3 +111,33 @@ class Experiment:
     if self.model.vocab_size < ByteTokenizer.vocab_size:
       raise ValueError(f"model.vocab_size: got {self.model.vocab_size}; the byte tokenizer needs "
                        f">= {ByteTokenizer.vocab_size}")
+    if self.data.batch_size % self.train.grad_accum_steps:
+      raise ValueError(f"train.grad_accum_steps: got {self.train.grad_accum_steps}; must divide "
+                       f"data.batch_size={self.data.batch_size}")
+    self._check_windows()
+
+  def _check_windows(self) -> None:
+    """A sliding window longer than every sequence the run sees never binds: an error.
+
+    The longest sequence is max(data.seq_len, generate.max_len) (training rows, the
+    completion's cache). A window equal to it is allowed (harmless); a longer one is a typo
+    or a config meant for another length, so it is refused before any compute.
+    """
+    from effx.attention import masks
+    longest = max(self.data.seq_len, self.generate.max_len)
+    for i, factory in enumerate(self.model.layer_pattern):
+      attention = factory(parent=None).make_attention(parent=None)
+      windows = [getattr(attention, "window", None)]
+      todo = [getattr(attention, "mask", None)]
+      while todo:  # the windows inside a (combined) mask object
+        m = todo.pop()
+        if isinstance(m, (masks.SlidingWindowMask, masks.LocalGlobalMask)):
+          windows.append(m.window)
+        if isinstance(m, masks.Mask) and dataclasses.is_dataclass(m):
+          todo += [getattr(m, f.name, None) for f in dataclasses.fields(m)]
+      for w in windows:
+        if isinstance(w, int) and w > longest:
+          raise ValueError(f"model.layer_pattern[{i}].attention: window {w} is longer than the "
+                           f"longest sequence {longest} (max of data.seq_len="
+                           f"{self.data.seq_len}, generate.max_len={self.generate.max_len}); "
+                           f"use a window <= {longest}")

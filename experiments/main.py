@@ -20,18 +20,59 @@ import json
 import os
 import sys
 import time
+import types
+import typing
 
 from absl import app, flags, logging
 import fiddle as fdl
 from fiddle import absl_flags as fdl_flags
+from fiddle import daglish
+from fiddle.experimental import serialization
 
 from experiments import configs
 
 MODES = ("main", "train", "eval", "generate", "train_heads", "speculative")
+DATA_MODES = ("main", "train", "eval", "train_heads", "speculative")  # modes that read the corpus
 
-_CONFIG = fdl_flags.DEFINE_fiddle_config(
-    "config", help_string="Experiment config: config:NAME, fiddler:NAME(...), set:a.b=VALUE.",
-    default_module=configs)
+
+class ConfigPyrefPolicy(serialization.DefaultPyrefPolicy):
+  """What `--config config_file:` / `config_str:` JSON may reference: effx and experiments
+  code, fiddle's own types, serializable builtins and dtypes (numpy/jax.numpy/ml_dtypes), so a
+  config file cannot call arbitrary functions (e.g. `subprocess.run`) when it is built."""
+
+  PACKAGES = ("effx", "experiments", "fiddle", "builtins", "numpy", "jax", "ml_dtypes")
+  CODE_PACKAGES = ("effx", "experiments", "fiddle", "builtins")
+
+  def allows_import(self, module: str, symbol: str) -> bool:
+    return module.split(".")[0] in self.PACKAGES
+
+  def allows_value(self, value) -> bool:
+    if not super().allows_value(value):
+      return False
+    module = getattr(value, "__module__", None) or ""
+    if module.split(".")[0] in self.CODE_PACKAGES:
+      return True
+    import numpy as np
+    try:  # numpy / jax.numpy / ml_dtypes: dtypes only, never functions such as numpy.load
+      return isinstance(value, type) and np.dtype(value) is not None
+    except TypeError:
+      return False
+
+  def __str__(self) -> str:
+    return f"effx ConfigPyrefPolicy (packages {', '.join(self.PACKAGES)}; dtypes only from numpy)"
+
+
+def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS):
+  """The launcher's `--config` flag: configs and fiddlers only from experiments.configs
+  (allow_imports=False), `set:` takes Python literals only, JSON configs limited by
+  `ConfigPyrefPolicy`."""
+  return fdl_flags.DEFINE_fiddle_config(
+      "config", help_string="Experiment config: config:NAME, fiddler:NAME(...), set:a.b=VALUE.",
+      default_module=configs, allow_imports=False, pyref_policy=ConfigPyrefPolicy(),
+      flag_values=flag_values)
+
+
+_CONFIG = define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, config).")
 _MODE = flags.DEFINE_enum("mode", "main", MODES, "What to do.")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -43,14 +84,51 @@ class ConfigError(ValueError):
   """A config problem reported as one line before any compute."""
 
 
+def _simple_types(annotation) -> tuple[type, ...] | None:
+  """The plain types an annotation allows (int, float, bool, str, None), or None when it
+  allows anything else too (then no type check is made)."""
+  simple = (int, float, bool, str, type(None))
+  if annotation in simple:
+    return (annotation,)
+  if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    members = typing.get_args(annotation)
+    if all(m in simple for m in members):
+      return members
+  return None
+
+
+def check_types(cfg: fdl.Buildable) -> None:
+  """ConfigError naming the field when a set value cannot have the field's plain type
+  (e.g. `set:train.steps='10'`, a str for an int). Ints are accepted for floats."""
+  for node, path in daglish.iterate(cfg):
+    if not isinstance(node, fdl.Buildable):
+      continue
+    try:
+      hints = typing.get_type_hints(node.__fn_or_cls__)
+    except Exception:  # unresolvable annotations: nothing to check against
+      continue
+    for name, value in node.__arguments__.items():
+      allowed = _simple_types(hints.get(name))
+      if allowed is None or isinstance(value, fdl.Buildable):
+        continue
+      ok = any(isinstance(value, t) and not (t is int and isinstance(value, bool)) or
+               (t is float and isinstance(value, int) and not isinstance(value, bool))
+               for t in allowed)
+      if not ok:
+        field = f"{daglish.path_str(path)}.{name}".lstrip(".")
+        names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+        raise ConfigError(f"{field}: got {value!r} ({type(value).__name__}); must be {names}")
+
+
 def build_experiment(cfg: fdl.Config):
   """Builds the experiment, turning any construction error into a one-line ConfigError."""
+  check_types(cfg)
   try:
     return fdl.build(cfg)
   except Exception as err:  # fiddle wraps the field's own ValueError/TypeError
     root = err
     while root.__cause__ is not None or root.__context__ is not None:
-      nxt = root.__cause__ or root.__context__
+      nxt = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
       if not isinstance(nxt, Exception):
         break
       root = nxt
@@ -65,10 +143,15 @@ def flag_config(flag) -> fdl.Config:
   'No parameter named 'x' ...'); the line keeps every message of the chain except fiddle's
   generic hint about `allow_imports`.
   """
+  fiddle_flag = flag._flagvalues[flag.name] if isinstance(flag, flags.FlagHolder) else flag
+  pending = list(getattr(fiddle_flag, "_remaining_directives", ()))
   try:
     return flag.value
   except Exception as err:  # AttributeError / ValueError / TypeError / SyntaxError from fiddle
     parts, seen, node = [], set(), err
+    left = getattr(fiddle_flag, "_remaining_directives", None)
+    if left is not None and 0 < len(pending) - len(left) <= len(pending):
+      parts.append(f"--config {pending[len(pending) - len(left) - 1]}")  # the failing one
     while isinstance(node, Exception) and id(node) not in seen:
       seen.add(id(node))
       text = str(node).strip()
@@ -77,6 +160,15 @@ def flag_config(flag) -> fdl.Config:
         parts.append(line)
       node = node.__cause__ or node.__context__
     raise ConfigError(": ".join(parts) or type(err).__name__) from err
+
+
+def parse_config(directives: list[str]) -> fdl.Config:
+  """The config the launcher builds from `--config` values, e.g. ["config:lm_tiny",
+  "set:train.steps=10"] (for notebooks and tests); ConfigError as on the command line."""
+  flag_values = flags.FlagValues()
+  holder = define_config_flag(flag_values)
+  flag_values(["effx"] + [f"--config={d}" for d in directives])
+  return flag_config(holder)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -89,7 +181,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def config_json(cfg: fdl.Config) -> str:
   """Readable JSON of the final config (fiddle serialization)."""
-  from fiddle.experimental import serialization
   return json.dumps(json.loads(serialization.dump_json(cfg)), indent=2, sort_keys=True)
 
 
@@ -107,6 +198,38 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
+def preflight(exp, mode: str, num_devices: int | None = None,
+              process_count: int | None = None) -> None:
+  """Checks what needs the runtime (devices, processes, corpus files) before the workdir is
+  made or anything compiles: one-line ConfigErrors naming the field and value."""
+  import math
+  import flax.linen as nn
+  import jax
+  from effx.data import make_packed_rows
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  try:
+    sizes = dict(zip(("data", "fsdp", "tensor", "expert"), exp.mesh.axis_sizes(num_devices)))
+  except ValueError as err:
+    raise ConfigError(str(err)) from None
+  batch_axes = nn.logical_to_mesh_axes(("batch",), list(exp.mesh.rules))[0] or ()
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+  shards = math.prod(sizes[a] for a in batch_axes)
+  batch = exp.data.batch_size
+  if batch % process_count:
+    raise ConfigError(f"data.batch_size: got {batch}; must be divisible by the process count "
+                      f"{process_count}")
+  if batch % shards:
+    raise ConfigError(f"data.batch_size: got {batch}; must be divisible by the {shards} batch "
+                      f"shards of the mesh ({'*'.join(batch_axes)} of {sizes})")
+  if mode in DATA_MODES:
+    try:  # lists and reads the corpus (cached: training reuses it)
+      make_packed_rows(exp.data, "train")
+      make_packed_rows(exp.data, "eval")
+    except (ValueError, OSError) as err:
+      raise ConfigError(str(err).splitlines()[0]) from None
+
+
 def run(cfg: fdl.Config, workdir: str, mode: str) -> dict:
   """Runs `mode` for the experiment config `cfg` in `workdir`; returns a summary dict."""
   import jax
@@ -115,7 +238,10 @@ def run(cfg: fdl.Config, workdir: str, mode: str) -> dict:
   from effx.decoding.generate import generate, pad_prompts
   from effx.train import Trainer, restore_params, train
 
+  if mode not in MODES:
+    raise ConfigError(f"mode: got {mode!r}; allowed: {', '.join(MODES)}")
   exp = build_experiment(cfg)
+  preflight(exp, mode)
   workdir = prepare_workdir(workdir)
   text = config_json(cfg)
   if jax.process_index() == 0:

@@ -155,18 +155,30 @@ class MultiHeadAttention(nn.Module):
     return self.param("out_kernel", partitioned(fan_in_normal(), ("heads", "head_dim", "embed")),
                       (self.num_heads, head_dim, embed_dim), self.param_dtype)
 
-  def _check_inputs(self, x: jax.Array, positions: jax.Array) -> None:
+  def _check_inputs(self, x: jax.Array, positions: jax.Array,
+                    segment_ids: jax.Array | None = None) -> None:
+    """One-line errors for the wrong ranks or dtypes, before any compute."""
     if x.ndim != 3:
       raise ValueError(f"attention: x must be [batch, seq, embed], got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"attention: x must be a floating array, got dtype {x.dtype}")
     if positions.shape != x.shape[:2]:
       raise ValueError(f"attention: positions must be [batch, seq]={x.shape[:2]}, "
                        f"got {positions.shape}")
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+      raise TypeError(f"attention: positions must be integer (int32), got dtype "
+                      f"{positions.dtype}")
+    if segment_ids is not None and (segment_ids.shape != x.shape[:2]
+                                    or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+      raise ValueError(f"attention: segment_ids must be int [batch, seq]={x.shape[:2]}, got "
+                       f"{segment_ids.dtype} {segment_ids.shape}")
+
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, *, segment_ids: jax.Array | None = None,
                cache: KVCache | None = None, new_token_mask: jax.Array | None = None
                ) -> tuple[jax.Array, KVCache | None]:
-    self._check_inputs(x, positions)
+    self._check_inputs(x, positions, segment_ids)
     q = apply_rotary(self._project(x, self.num_heads, "heads", "query"), positions, self.rotary)
     k = apply_rotary(self._project(x, self.kv_heads, "kv_heads", "key"), positions, self.rotary)
     v = self._project(x, self.kv_heads, "kv_heads", "value")

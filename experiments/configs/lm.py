@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from effx.attention.mha import MultiHeadAttention
 from effx.data import DataConfig
 from effx.decoding.head_training import HeadTrainConfig
+from effx.decoding.sampling import SamplingConfig
 from effx.layers.mlp import GatedMLP
 from effx.layers.rotary import RotaryConfig
 from effx.model import DecoderBlock, DecoderLM
@@ -38,7 +39,7 @@ def _experiment(name: str, *, embed_dim: int, num_layers: int, num_heads: int,
       train=fdl.Config(TrainConfig, steps=steps, learning_rate=learning_rate,
                        warmup_steps=warmup_steps),
       mesh=fdl.Config(MeshConfig),
-      generate=fdl.Config(GenerateConfig),
+      generate=fdl.Config(GenerateConfig, sampling=fdl.Config(SamplingConfig)),
       speculative=fdl.Config(SpeculativeBenchConfig))
 
 
