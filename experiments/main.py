@@ -230,6 +230,20 @@ def preflight(exp, mode: str, num_devices: int | None = None,
       raise ConfigError(str(err).splitlines()[0]) from None
 
 
+def imported_state(exp):
+  """A TrainState with the weights of the HF checkpoint `exp.init_from_hf` for `exp.model`
+  (effx/hf_import.py); a missing or mismatched tensor is a one-line ConfigError."""
+  import jax.numpy as jnp
+  from effx.hf_import import load_params
+  from effx.train import TrainState
+  try:
+    params = load_params(exp.init_from_hf, exp.model)
+  except (ValueError, OSError) as err:
+    raise ConfigError(f"init_from_hf: {str(err).splitlines()[0]}") from None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
+                    model_state={})
+
+
 def run(cfg: fdl.Config, workdir: str, mode: str) -> dict:
   """Runs `mode` for the experiment config `cfg` in `workdir`; returns a summary dict."""
   import jax
@@ -241,7 +255,13 @@ def run(cfg: fdl.Config, workdir: str, mode: str) -> dict:
   if mode not in MODES:
     raise ConfigError(f"mode: got {mode!r}; allowed: {', '.join(MODES)}")
   exp = build_experiment(cfg)
+  if exp.init_from_hf is not None and mode in ("main", "train"):
+    raise ConfigError(f"init_from_hf: --mode {mode} trains the base model, which is not "
+                      f"supported from imported weights; use --mode eval, generate, "
+                      f"train_heads or speculative")
   preflight(exp, mode)
+  # weights of an imported Hugging Face checkpoint instead of the workdir's checkpoint
+  imported = None if exp.init_from_hf is None else imported_state(exp)
   workdir = prepare_workdir(workdir)
   text = config_json(cfg)
   if jax.process_index() == 0:
@@ -257,6 +277,8 @@ def run(cfg: fdl.Config, workdir: str, mode: str) -> dict:
     summary.update(steps=result.steps_done, resumed_from=result.resumed_from,
                    stopped_by=result.stopped_by, tokens_per_second=round(result.tokens_per_second),
                    mfu=None if result.mfu is None else round(result.mfu, 4), **result.eval)
+  elif imported is not None:
+    state = imported
   else:
     state = restore_params(exp.model, exp.train, exp.mesh, exp.data.seq_len,
                            exp.data.batch_size, workdir)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -176,3 +178,35 @@ def test_medusa_checkpoint_shape_mismatch_names_the_tensor(tmp_path):
   with pytest.raises(ValueError, match=r"0\.1\.weight: expected shape \(260, 32\), found "
                                        r"\(100, 32\)"):
     hf_import.load_medusa_heads(str(tmp_path / "m.safetensors"), vocab_size=260)
+
+
+def _launch(workdir, *config, mode):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = [sys.executable, "-m", "experiments.main"]
+  for item in config:
+    args += ["--config", item]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run(args + ["--workdir", str(workdir), "--mode", mode], cwd=repo, env=env,
+                        capture_output=True, text=True, timeout=420)
+
+
+@pytest.mark.slow
+def test_train_heads_starts_from_an_imported_checkpoint(tmp_path):
+  llama = os.path.join(FIXTURES, "llama")
+  corpus = os.path.join(os.path.dirname(hf_import.__file__), "layers", "*.py")
+  config = [f"config:hf_model(path={llama!r}, num_heads=2, steps=3, seq_len=16, batch_size=2)",
+            f"set:data.paths={corpus!r}", "set:data.eval_batches=1"]
+  proc = _launch(tmp_path / "run", *config, mode="train_heads")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "heads[medusa]: 3 steps" in proc.stdout
+  assert "heads_top1" in proc.stdout
+  with open(tmp_path / "run" / "heads" / "medusa" / "report.json") as f:
+    assert len(json.load(f)["top1"]) == 2
+  with open(tmp_path / "run" / "config.json") as f:
+    written = f.read()
+  assert "init_from_hf" in written and "LlamaForCausalLM" in written
+
+  train = _launch(tmp_path / "other", *config, mode="train")
+  assert train.returncode != 0 and "init_from_hf" in train.stderr
+  assert len(train.stderr.strip().splitlines()) == 1, train.stderr
