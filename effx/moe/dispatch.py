@@ -24,7 +24,8 @@ is dropped:
       CPU time vs a dense SwiGLU of the same active size): ~1.1x forward and forward+backward,
       vs ~1.4-1.75x for one batched matmul over all bound blocks with per-block gathered
       weights and ~6-7x for `ragged_dot` (benchmarks/moe.py);
-    - "pallas": `effx.pallas_kernels.grouped_matmul.grouped_matmul` when that module exists;
+    - "pallas": `effx.pallas_kernels.grouped_matmul.grouped_matmul(impl="pallas")` (the TPU
+      kernel; interpreted on CPU, ragged_dot with a warning on GPU);
     - "auto": "ragged" on TPU/GPU, "blocked" on CPU.
 
 Shapes: x [T, embed]; expert weights wi [E, embed, 2, mlp] (gate, up) and wo [E, mlp, embed];
@@ -99,7 +100,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
   multiple of `block`; the padding rows of a group's last block are computed like the others
   (their output is not to be read), blocks past the last group are not computed (output 0).
   "pallas": `effx.pallas_kernels.grouped_matmul.grouped_matmul(..., impl="pallas")`, sorted
-  layout as "ragged"; NotImplementedError while that module does not exist.
+  layout as "ragged" (rows past the groups come out 0).
   Returns [M, N] in lhs.dtype (accumulation in float32).
   """
   if impl == "ragged":
