@@ -54,6 +54,7 @@ from effx.attention.feature_maps import (FEATURE_MAP_KINDS, POSITIVE_FEATURE_MAP
 
 DECAY_KINDS: tuple[str, ...] = ("none", "retnet", "gla", "delta")
 FORMS: tuple[str, ...] = ("parallel", "chunked", "recurrent")
+IMPLS: tuple[str, ...] = ("xla", "pallas")
 DELTA_FEATURE_MAPS: tuple[str, ...] = ("identity", "elu", "relu")
 
 Array = jax.Array
@@ -582,7 +583,9 @@ class LinearAttention(nn.Module):
     - ``cache=None``: causal over the sequence in form ``form``; returns ``(y, None)``.
     - ``cache`` and no ``new_token_mask``: the T tokens extend the state in order (T = 1:
       one recurrent step; T > 1: the chunked form from the cached state); returns the cache
-      with ``length + T``.
+      with ``length + T``. With a cache, ``segment_ids`` only marks padding: tokens with id 0
+      leave the state untouched (prefill right-padded prompts this way, then set ``length``
+      to the prompt lengths; a recurrent state cannot forget tokens it has consumed).
     - ``cache`` and ``new_token_mask`` (bool ``[B, T, T]``, ancestor-or-self, ancestors first):
       draft-tree verification, ``y_i = φ(q_i)ᵀ(D_i S + Σ_{j anc-or-self of i} D_ij φ(k_j) v_jᵀ)``
       with decays taken along i's path (RetNet: γ^(depth difference); depth = number of
@@ -596,6 +599,11 @@ class LinearAttention(nn.Module):
         L2-normalised after φ; no denominator.
       - ``use_denominator`` (``y = φ(q)ᵀS / (φ(q)ᵀz + eps)``, z decayed like S): positive
         feature maps ("elu", "relu", "taylor", "performer") with decay "none"/"retnet"/"gla".
+      - ``impl="pallas"``: the chunked computations (``form="chunked"`` without a cache, and
+        the chunked prefill into a cache) run the Pallas kernel
+        (``effx.pallas_kernels.linear_attention``: TPU kernel, interpret mode on CPU, XLA on
+        GPU) for decay "none" / "retnet" / "gla"; the other forms and the decode / tree paths
+        stay XLA. Not with ``decay="delta"``.
       - ``output_norm`` (per-head RMSNorm with a learned ``[d_v]`` scale before the output
         projection): any combination, alone or with the denominator.
 
@@ -617,6 +625,7 @@ class LinearAttention(nn.Module):
     output_norm: bool = True
     form: str = "chunked"
     chunk_size: int = 64
+    impl: str = "xla"  # "pallas": the chunked form through the Pallas kernel
     gate_rank: int = 16
     gate_logit_normalizer: float = 16.0
     max_new_tokens: int = 64
@@ -639,6 +648,11 @@ class LinearAttention(nn.Module):
             raise ValueError(f"decay={self.decay!r}: must be one of {DECAY_KINDS}")
         if self.form not in FORMS:
             raise ValueError(f"form={self.form!r}: must be one of {FORMS}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl={self.impl!r}: must be one of {IMPLS}")
+        if self.impl == "pallas" and self.decay == "delta":
+            raise ValueError("impl='pallas' with decay='delta': the kernel supports decay "
+                             "'none', 'retnet', 'gla'")
         if self.decay == "delta" and self.feature_map not in DELTA_FEATURE_MAPS:
             raise ValueError(f"feature_map={self.feature_map!r} with decay='delta': must be one "
                              f"of {DELTA_FEATURE_MAPS}")
@@ -682,6 +696,16 @@ class LinearAttention(nn.Module):
             prev_z=z, new_k=jnp.zeros((batch, m, h, dk), dtype),
             new_v=jnp.zeros((batch, m, h, dv), dtype), new_log_decay=log_decay, new_beta=beta,
             max_new_tokens=m)
+
+    def _chunked(self, q: Array, k: Array, v: Array, *, chunk_size: int,
+                 **kwargs: Any) -> tuple[Array, Array]:
+        """The chunked form: ``linear_attention_chunked`` (impl "xla") or the Pallas kernel."""
+        if self.impl == "xla":
+            return linear_attention_chunked(q, k, v, chunk_size=chunk_size, **kwargs)
+        from effx.pallas_kernels import linear_attention as kernel
+        kwargs.pop("beta", None)  # None: the kernel has no delta rule (checked in __post_init__)
+        blocks = kernel.BlockSizes(chunk_size=chunk_size, sub_chunk=_sub_chunk_size(chunk_size))
+        return kernel.linear_attention(q, k, v, block_sizes=blocks, impl="pallas", **kwargs)
 
     # ---- features ----
     def _features(self, x: Array) -> tuple[Array, Array, Array, Array | None, Array | None]:
@@ -735,9 +759,20 @@ class LinearAttention(nn.Module):
         kwargs = dict(log_decay=log_decay, beta=beta, segment_ids=segment_ids)
         new_cache = None
         if cache is None:
-            y, _ = linear_attention(qf, kf, v_in, form=self.form, chunk_size=self.chunk_size,
-                                    **kwargs)
+            if self.form == "chunked":
+                y, _ = self._chunked(qf, kf, v_in, chunk_size=self.chunk_size, **kwargs)
+            else:
+                y, _ = linear_attention(qf, kf, v_in, form=self.form,
+                                        chunk_size=self.chunk_size, **kwargs)
         else:
+            if segment_ids is not None:  # with a cache: 0 = padding, a no-op for the state
+                valid = (segment_ids != 0)[:, :, None]
+                kf, v_in, v = kf * valid[..., None], v_in * valid[..., None], v * valid[..., None]
+                if log_decay is not None:
+                    log_decay = log_decay * (valid if log_decay.ndim == 3 else valid[..., None])
+                if beta is not None:
+                    beta = beta * valid
+                kwargs = dict(log_decay=log_decay, beta=beta)
             s0 = cache.state
             if self.use_denominator:
                 s0 = jnp.concatenate([cache.state, cache.z[..., None]], axis=-1)
@@ -748,8 +783,8 @@ class LinearAttention(nn.Module):
             elif t == 1:
                 y, s = linear_attention_recurrent(qf, kf, v_in, initial_state=s0, **kwargs)
             else:
-                y, s = linear_attention_chunked(qf, kf, v_in, initial_state=s0,
-                                                chunk_size=min(self.chunk_size, t), **kwargs)
+                y, s = self._chunked(qf, kf, v_in, initial_state=s0,
+                                     chunk_size=min(self.chunk_size, t), **kwargs)
             dv, m, cdt = self.head_dim, cache.max_new_tokens, cache.state.dtype
             new_cache = cache.replace(
                 state=s[..., :dv].astype(cdt),
@@ -884,7 +919,8 @@ class SlidingWindowAttention(nn.Module):
     ``length + depth_i - n < window`` and new token j iff ``new_token_mask[b, i, j]`` and
     ``depth_i - depth_j < window``, where ``depth_i`` = number of ancestors (causal default:
     ``depth_i = i``); the new keys are written at slots ``(length + j) % R`` (a call with
-    T > R keeps only its last R tokens). With a cache the new-token part is dense, ``O(T²)``.
+    T > R keeps only its last R tokens). With a cache the new-token part is dense, ``O(T²)``,
+    and ``segment_ids`` only marks padding (id 0: neither written nor attended to).
     Parameters: q, k, v ``[embed, heads, head_dim]``, o ``[heads, head_dim, embed]``.
     """
 
@@ -942,6 +978,8 @@ class SlidingWindowAttention(nn.Module):
             qpos = start[:, None] + depth  # sequence index of each query, [B, T]
             valid_old = (n_old[:, None, :] >= 0) & (qpos[:, :, None] - n_old[:, None, :] < w)
             valid_new = mask & (depth[:, :, None] - depth[:, None, :] < w)
+            real = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
+            valid_new = valid_new & real[:, None, :]
             valid = jnp.concatenate([valid_old, valid_new], axis=-1)[:, None]  # [B,1,T,R+T]
             cdt = _compute_dtype(q, cache.k)
             keys = jnp.concatenate([cache.k.astype(cdt), k.astype(cdt)], axis=1)
@@ -949,7 +987,8 @@ class SlidingWindowAttention(nn.Module):
             scores = jnp.einsum("bihd,bjhd->bhij", q.astype(cdt), keys) * (d ** -0.5)
             y = _masked_softmax_av(scores, valid, vals, "bhij,bjhd->bihd")
             j = jnp.arange(t)[None, :]
-            dst = jnp.where(j >= t - r, (start[:, None] + j) % r, r)  # r: dropped
+            n_real = jnp.sum(real, axis=1, keepdims=True)  # padding comes last
+            dst = jnp.where((j >= n_real - r) & real, (start[:, None] + j) % r, r)  # r: dropped
             write = lambda buf, new: jax.vmap(
                 lambda bb, dd, nn_: bb.at[dd].set(nn_.astype(bb.dtype), mode="drop"))(
                     buf, dst, new)

@@ -169,6 +169,22 @@ def test_parallel_tree_mask_equals_path_recurrence():
             _close(y[:, i], y_j, what=f"{kind} node {i}")
 
 
+def test_solve_unit_lower_values_and_gradients():
+    ka, kb, kg = jax.random.split(jax.random.PRNGKey(4), 3)
+    a = 0.5 * jax.random.normal(ka, (2, 3, 6, 6))
+    b = jax.random.normal(kb, (2, 3, 6, 4))
+    full = jnp.eye(6) + jnp.tril(a, -1)
+    ref = lambda a, b: jax.lax.linalg.triangular_solve(
+        jnp.eye(6) + jnp.tril(a, -1), b, left_side=True, lower=True, unit_diagonal=True)
+    x = la.solve_unit_lower(a, b)
+    _close(full @ x, b, atol=1e-5)
+    _close(x, ref(a, b))
+    g = jax.random.normal(kg, x.shape)
+    _, vjp = jax.vjp(la.solve_unit_lower, a, b)
+    _, vjp_ref = jax.vjp(ref, a, b)
+    _tree_close(vjp(g), vjp_ref(g))
+
+
 def test_pure_function_input_errors():
     q, k, v, s0, extra = _inputs("scalar")
     with pytest.raises(ValueError, match="chunk_size=0"):
@@ -323,6 +339,33 @@ def test_module_decode_and_prefill_equal_full_forward(feature_map, decay):
     y_blk, cache3 = apply(variables, x[:, 5:], pos[:, 5:], cache=cache)
     _close(y_blk, y_full[:, 5:])
     _tree_close((cache3.state, cache3.z), (cache2.state, cache2.z))
+
+
+def _check_padded_prefill(module, variables, t_pad=7, lengths=(7, 4)):
+    """Right-padded prompts prefilled with segment_ids (0 = padding), length overwritten to the
+    prompt lengths, then decoding: equals each row's own unpadded sequence."""
+    x, pos = _x(t=t_pad + 3, seed=5)
+    apply = _apply(module)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    seg = (jnp.arange(t_pad)[None] < lengths[:, None]).astype(jnp.int32)
+    _, cache = apply(variables, x[:, :t_pad], pos[:, :t_pad], segment_ids=seg,
+                     cache=module.init_cache(MB, 64))
+    cache = cache.replace(length=lengths)
+    for row in range(MB):
+        n = int(lengths[row])
+        # row's sequence: its prompt, then the 3 continuation tokens
+        xs = jnp.concatenate([x[row:row + 1, :n], x[row:row + 1, t_pad:]], axis=1)
+        y_ref, _ = apply(variables, xs, pos[:1, :n + 3])
+        c = cache
+        for s_ in range(3):
+            y, c = apply(variables, x[:, t_pad + s_:t_pad + s_ + 1], c.length[:, None], cache=c)
+            _close(y[row, 0], y_ref[0, n + s_], what=f"row {row} step {s_}")
+
+
+@pytest.mark.parametrize("feature_map,decay", [("performer", "gla"), ("identity", "delta")])
+def test_module_padded_prefill_then_decode(feature_map, decay):
+    module = _module(feature_map, decay)
+    _check_padded_prefill(module, _variables(module))
 
 
 def _tree_mask(parents):
@@ -529,6 +572,13 @@ def test_based_forms_agree_and_decode_equals_full():
                                  cache=module.init_cache(MB, 32))
     y_last, _ = _apply(module)(variables, x[:, 12:], pos[:, 12:], cache=cache)
     _close(y_last, y_full[:, 12:])
+
+
+def test_based_padded_prefill_then_decode():
+    module = _based()
+    x, pos = _x()
+    variables = module.init(jax.random.PRNGKey(0), x, pos)
+    _check_padded_prefill(module, variables, t_pad=20, lengths=(20, 3))  # 20 > ring of 12
 
 
 def test_based_tree_verification_and_commit():
