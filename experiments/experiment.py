@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from effx.data import DataConfig
 from effx.decoding.head_training import HeadTrainConfig
@@ -91,6 +92,9 @@ class Experiment:
     generate: text completion settings.
     heads: draft heads trained by `--mode train_heads` / `main` (none: skip).
     speculative: how draft heads are measured against plain decoding.
+    init_from_hf: a Hugging Face checkpoint directory (effx/hf_import.py) whose weights
+      eval / generate / train_heads / speculative use instead of the workdir's
+      checkpoint (None: the workdir's).
   """
 
   name: str
@@ -101,12 +105,16 @@ class Experiment:
   generate: GenerateConfig = GenerateConfig()
   heads: tuple[HeadTrainConfig, ...] = ()
   speculative: SpeculativeBenchConfig = SpeculativeBenchConfig()
+  init_from_hf: str | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "heads", tuple(self.heads))
     kinds = [h.kind for h in self.heads]
     if len(set(kinds)) != len(kinds):
       raise ValueError(f"heads: kinds must be distinct, got {kinds}")
+    if self.init_from_hf is not None and not os.path.isfile(
+        os.path.join(self.init_from_hf, "config.json")):
+      raise ValueError(f"init_from_hf: got {self.init_from_hf!r}; no config.json there")
     from effx.data import ByteTokenizer
     if self.model.vocab_size < ByteTokenizer.vocab_size:
       raise ValueError(f"model.vocab_size: got {self.model.vocab_size}; the byte tokenizer needs "
