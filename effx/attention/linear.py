@@ -611,8 +611,10 @@ class LinearAttention(nn.Module):
     ``v: [embed, heads, head_dim]``, ``o: [heads, head_dim, embed]``; gla: ``gate_down:
     [embed, gate_rank]`` ("embed", None), ``gate_up: [gate_rank, heads, d_φ]`` and bias
     ``[heads, d_φ]``; delta: ``beta: [embed, heads]``; norm scale ``[head_dim]``.
-    Performer's ``[m, qk_dim]`` projection is drawn at init from the "params" rng and stored
-    in the non-trainable collection "constants" (pass it to ``apply``; it is never redrawn).
+    Performer's ``[m, qk_dim]`` orthogonal projection is drawn at init from ``performer_seed``
+    and stored in the non-trainable collection "constants" (never redrawn on a schedule). Where
+    that collection is not passed or not carried (``apply({"params": ...})``, a ``nn.scan`` over
+    layers without it) the identical matrix is recomputed from the seed, so results agree.
     """
 
     num_heads: int
@@ -620,6 +622,7 @@ class LinearAttention(nn.Module):
     qk_dim: int | None = None  # dim of q/k before φ (default head_dim; Based uses 16)
     feature_map: str = "elu"
     num_random_features: int | None = None  # Performer's m (default qk_dim)
+    performer_seed: int = 0  # seed of Performer's fixed random projection
     decay: str = "none"
     use_denominator: bool = False
     output_norm: bool = True
@@ -721,9 +724,13 @@ class LinearAttention(nn.Module):
         projection = None
         if fmap.needs_projection:
             m = fmap.random_features(dk)
-            projection = self.variable(
-                "constants", "performer_projection",
-                lambda: orthogonal_random_matrix(self.make_rng("params"), m, dk)).value
+            draw = lambda: orthogonal_random_matrix(
+                jax.random.PRNGKey(self.performer_seed), m, dk)
+            if (self.is_mutable_collection("constants")
+                    or self.has_variable("constants", "performer_projection")):
+                projection = self.variable("constants", "performer_projection", draw).value
+            else:  # collection not carried (e.g. a layer scan): the same matrix, redrawn
+                projection = draw()
         qf = fmap(q.astype(jnp.float32), projection)
         kf = fmap(k.astype(jnp.float32), projection)
         v = v.astype(jnp.float32)

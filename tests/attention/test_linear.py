@@ -486,6 +486,11 @@ def test_performer_projection_is_a_constant_variable():
     y1, _ = _apply(module)(variables, x, pos)
     y2, _ = _apply(module)({**variables, "constants": {"performer_projection": proj * 2}}, x, pos)
     assert float(jnp.abs(y1 - y2).max()) > 1e-4  # it is used
+    # without the collection the same matrix is recomputed from the seed
+    y3, _ = _apply(module)({"params": variables["params"]}, x, pos)
+    _close(y3, y1)
+    other = module.clone(performer_seed=1)
+    assert float(jnp.abs(_variables(other)["constants"]["performer_projection"] - proj).max()) > 0
 
 
 def test_params_have_logical_axis_names():
