@@ -76,7 +76,8 @@ class MultiHeadAttention(nn.Module):
     rotary: positional encoding of q and k.
     impl: "xla" (dense masked softmax, the reference), "cudnn" (jax.nn.dot_product_attention
       fused path; causal/sliding-window only), "blockwise" (memory-efficient online softmax
-      over key blocks that skips empty blocks), "pallas" (effx flash-attention kernel).
+      over key blocks that skips empty blocks), "pallas" (effx flash-attention kernel; cached
+      calls with a plain causal mask and T <= 64 use the split-K decode-attention kernel).
     use_qkv_bias: biases on the q/k/v projections (Qwen2).
     logit_soft_cap: cap * tanh(logits / cap) if set.
     block_size: block size of the "blockwise" path.
@@ -246,7 +247,35 @@ class MultiHeadAttention(nn.Module):
     return cache, allowed
 
   def _attend_cache(self, q, k, v, positions, cache: KVCache, new_token_mask):
+    if self.impl == "pallas" and type(self.mask) is masks_lib.CausalMask and q.shape[1] <= 64:
+      return self._attend_cache_kernel(q, k, v, positions, cache, new_token_mask)
     cache, allowed = self._append_to_cache(k, v, positions, cache, new_token_mask)
     out = dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), allowed,
                                 logit_soft_cap=self.logit_soft_cap)
     return out, cache
+
+  def _attend_cache_kernel(self, q, k, v, positions, cache: KVCache, new_token_mask):
+    """impl="pallas", plain causal mask, T <= 64: effx's split-K decode-attention kernel.
+
+    Causality by position is folded into the new-token mask; every old slot is visible when each
+    query position is >= length - 1 (the decode / tree convention, positions = length + depth),
+    otherwise the XLA path runs (lax.cond), so the result is cache_attention_mask's either way.
+    """
+    from effx.pallas_kernels.decode_attention import decode_attention
+    batch, t = q.shape[:2]
+    if new_token_mask is None:
+      new_token_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch, t, t))
+    start = cache.length
+    cache = cache.append(k, v)
+    ck, cv = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
+    by_position = positions[:, None, :] <= positions[:, :, None]
+
+    def kernel():
+      return decode_attention(q, ck, cv, start, new_token_mask & by_position,
+                              logit_soft_cap=self.logit_soft_cap, impl="pallas")
+
+    def xla():
+      allowed = cache_attention_mask(start, cache.max_len, new_token_mask, self.mask, positions)
+      return dot_product_attention(q, ck, cv, allowed, logit_soft_cap=self.logit_soft_cap)
+
+    return jax.lax.cond(jnp.all(positions >= start[:, None] - 1), kernel, xla), cache
