@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from effx import perf
@@ -414,11 +415,14 @@ def train(model: DecoderLM, cfg: TrainConfig, mesh_cfg: MeshConfig, data_cfg: An
             f"accuracy {ev['eval_accuracy']:.3f}")
       out_of_time = cfg.time_budget_s is not None and time.perf_counter() - started > \
           cfg.time_budget_s
-      if preemption.requested or out_of_time or (cfg.checkpoint_every and
-                                                 step % cfg.checkpoint_every == 0):
+      preempted = preemption.requested
+      if pcount > 1:  # all processes stop (and save, a collective) at the same step
+        flags = multihost_utils.process_allgather(np.array([preempted, out_of_time]))
+        preempted, out_of_time = (bool(f) for f in np.asarray(flags).reshape(pcount, 2).any(0))
+      if preempted or out_of_time or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
         ckpt.save(step, state, data_iter)
         last_saved = step
-      if preemption.requested:
+      if preempted:
         stopped_by = "sigterm"
         log(f"SIGTERM: saved checkpoint at step {step}; exiting")
         break
