@@ -132,6 +132,8 @@ class Experiment:
     or a config meant for another length, so it is refused before any compute.
     """
     from effx.attention import masks
+    if self.init_from_hf:  # an imported checkpoint's window is part of the model: keep it
+      return
     longest = max(self.data.seq_len, self.generate.max_len)
     for i, factory in enumerate(self.model.layer_pattern):
       attention = factory(parent=None).make_attention(parent=None)

@@ -31,8 +31,10 @@ class MoEFeedForward(nn.Module):
   "shared_experts" of width num_shared_experts * shared_expert_dim.
   Sown: "aux_loss" {"load_balance_loss", "router_z_loss"} (already times their coefficients,
   only when the coefficient is > 0); "metrics" {"expert_load" [E] (fraction of slots per
-  expert before drops), "drop_rate", "load_balance_loss", "router_z_loss", "router_entropy"}
-  (raw values). With `bias_balancing` the router keeps "moe_state" {"expert_bias",
+  expert before drops), "drop_rate", "load_balance_unscaled", "router_z_unscaled",
+  "router_entropy"} (raw values; named apart from the "aux_loss" ones because tools keying
+  variables by name alone, e.g. `nnx.bridge.ToNNX`, refuse duplicates). With
+  `bias_balancing` the router keeps "moe_state" {"expert_bias",
   "expert_load"} (see `routers.update_moe_state`).
 
   Expert parallelism: when the current abstract mesh (`jax.set_mesh(mesh)`) has an axis named
@@ -187,8 +189,8 @@ class MoEFeedForward(nn.Module):
       self.sow("aux_loss", "router_z_loss", self.z_loss_coef * z)
     self.sow("metrics", "expert_load", jax.lax.stop_gradient(routers.expert_load(routing)))
     self.sow("metrics", "drop_rate", jax.lax.stop_gradient(info.drop_rate))
-    self.sow("metrics", "load_balance_loss", jax.lax.stop_gradient(lb))
-    self.sow("metrics", "router_z_loss", jax.lax.stop_gradient(z))
+    self.sow("metrics", "load_balance_unscaled", jax.lax.stop_gradient(lb))
+    self.sow("metrics", "router_z_unscaled", jax.lax.stop_gradient(z))
     self.sow("metrics", "router_entropy",
              jax.lax.stop_gradient(routers.router_entropy(routing.probs)))
     return y.astype(self.dtype)

@@ -50,12 +50,12 @@ def test_sown_losses_and_metrics():
   y, sown = m.apply(params, x, mutable=["aux_loss", "metrics"])
   aux, met = sown["aux_loss"], sown["metrics"]
   assert set(aux) == {"load_balance_loss", "router_z_loss"}
-  assert set(met) == {"expert_load", "drop_rate", "load_balance_loss", "router_z_loss",
+  assert set(met) == {"expert_load", "drop_rate", "load_balance_unscaled", "router_z_unscaled",
                       "router_entropy"}
   np.testing.assert_allclose(float(aux["load_balance_loss"][0]),
-                             0.5 * float(met["load_balance_loss"][0]), rtol=1e-6)
+                             0.5 * float(met["load_balance_unscaled"][0]), rtol=1e-6)
   np.testing.assert_allclose(float(aux["router_z_loss"][0]),
-                             0.25 * float(met["router_z_loss"][0]), rtol=1e-6)
+                             0.25 * float(met["router_z_unscaled"][0]), rtol=1e-6)
   load = np.asarray(met["expert_load"][0])
   assert load.shape == (4,) and np.isclose(load.sum(), 1.0)
   assert float(met["drop_rate"][0]) == 0.0  # dropless
