@@ -152,7 +152,8 @@ def flag_config(flag) -> fdl.Config:
     parts, seen, node = [], set(), err
     left = getattr(fiddle_flag, "_remaining_directives", None)
     if left is not None and 0 < len(pending) - len(left) <= len(pending):
-      parts.append(f"--config {pending[len(pending) - len(left) - 1]}")  # the failing one
+      failing = pending[len(pending) - len(left) - 1]
+      parts.append(f"--config {failing if len(failing) <= 120 else failing[:100] + '...'}")
     while isinstance(node, Exception) and id(node) not in seen:
       seen.add(id(node))
       text = str(node).strip()
