@@ -1,0 +1,104 @@
+"""Chunked causal linear attention: one entry point over the XLA reference and the Pallas kernel.
+
+    from effx.pallas_kernels.linear_attention import linear_attention
+    y, state = linear_attention(phi_q, phi_k, v, log_decay=gates, segment_ids=seg)
+
+Inputs are already feature-mapped (elu+1, ReLU, Based's Taylor map, Performer, identity for
+GLA ... are applied by the caller). Decay kinds (``reference.decay_kind``): "none"
+(``log_decay=None``), "retnet" (``[heads]`` or ``[batch, T, heads]`` scalar log-decays), "gla"
+(``[batch, T, heads, d_k]`` per-channel log-gates). The delta rule is not a kernel here (use
+``effx.attention.linear``'s chunked form).
+
+Files: ``reference.py`` (pure jnp: the chunked form, which is the XLA path, and the recurrent
+definition), ``config.py`` (``BlockSizes`` + per-device defaults), ``tpu.py`` (Mosaic TPU forward
+and reverse-chunk backward kernels, custom_vjp).
+
+Which implementation runs (``impl``):
+* ``"xla"``: the chunked reference.
+* ``"auto"``: the TPU kernel on TPU, the reference elsewhere (CPU, GPU).
+* ``"pallas"``: the TPU kernel on TPU; on CPU the TPU kernel in interpret mode
+  (``backend="tpu"``, the only kernel backend); on GPU the XLA reference with a warning (there
+  is no Mosaic GPU kernel for this op yet: ``fallback_reason`` says so).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+
+from effx.pallas_kernels.linear_attention import tpu as tpu_lib
+from effx.pallas_kernels.linear_attention.config import BlockSizes
+from effx.pallas_kernels.linear_attention.reference import DECAY_KINDS
+from effx.pallas_kernels.linear_attention.reference import check_inputs
+from effx.pallas_kernels.linear_attention.reference import decay_kind
+from effx.pallas_kernels.linear_attention.reference import linear_attention_recurrent
+from effx.pallas_kernels.linear_attention.reference import linear_attention_reference
+
+__all__ = ["BlockSizes", "DECAY_KINDS", "decay_kind", "fallback_reason", "linear_attention",
+           "linear_attention_recurrent", "linear_attention_reference", "resolve"]
+
+_IMPLS = ("auto", "xla", "pallas")
+_BACKENDS = ("tpu",)
+
+
+def resolve(impl: str = "auto", backend: str | None = None) -> tuple[str, bool]:
+  """Returns ``(target, interpret)``: target in {"xla", "tpu"}."""
+  if impl not in _IMPLS:
+    raise ValueError(f"impl={impl!r}; allowed: {_IMPLS}")
+  if backend is not None and backend not in _BACKENDS:
+    raise ValueError(f"backend={backend!r}; allowed: None, {_BACKENDS}")
+  platform = jax.default_backend()
+  if impl == "xla":
+    return "xla", False
+  if platform == "tpu":
+    return "tpu", False
+  if impl == "auto" or platform == "gpu":
+    return "xla", False
+  return "tpu", True
+
+
+def fallback_reason(impl: str = "auto", backend: str | None = None) -> str | None:
+  """Why ``impl="pallas"`` would run the XLA reference instead of a kernel (None: it won't)."""
+  if impl == "pallas" and jax.default_backend() == "gpu":
+    return "no Mosaic GPU kernel for linear attention (XLA chunked form)"
+  return None
+
+
+def linear_attention(q, k, v, *, log_decay=None, segment_ids=None, initial_state=None,
+                     block_sizes: BlockSizes | None = None, impl: str = "auto",
+                     backend: str | None = None):
+  """Chunked causal linear attention (semantics: ``reference.py``).
+
+  Args:
+    q, k: ``[batch, T, heads, d_k]`` features (φ already applied); v: ``[batch, T, heads, d_v]``.
+    log_decay: None, ``[heads]`` / ``[batch, T, heads]`` (retnet), ``[batch, T, heads, d_k]``
+      (gla); entries ``<= 0``: ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_tᵀ``, ``y_t = S_tᵀ q_t``.
+    segment_ids: int ``[batch, T]`` or None: the state resets where the id changes.
+    initial_state: ``[batch, heads, d_k, d_v]`` or None.
+    block_sizes: chunk / GLA sub-chunk; default ``BlockSizes.for_device`` (64 / 16 in
+      interpret mode). The XLA path uses the same chunking.
+    impl: "auto" | "xla" | "pallas" (module docstring).
+    backend: on CPU with impl="pallas", which kernel to interpret: "tpu" (the default and
+      only one).
+
+  Returns:
+    ``(y [batch, T, heads, d_v] in v's dtype, final state [batch, heads, d_k, d_v] float32)``,
+    differentiable in q, k, v, log_decay and initial_state.
+  """
+  check_inputs(q, k, v, log_decay, segment_ids, initial_state)
+  target, interpret = resolve(impl, backend)
+  if block_sizes is None:
+    block_sizes = (BlockSizes() if target != "tpu" or interpret
+                   else BlockSizes.for_device(jax.devices()[0].device_kind, q.shape[-1]))
+  kw = dict(log_decay=log_decay, segment_ids=segment_ids, initial_state=initial_state)
+  reason = fallback_reason(impl, backend)
+  if reason is not None:
+    warnings.warn(f"linear_attention: {reason}; using XLA", stacklevel=2)
+  if target == "xla":
+    return linear_attention_reference(q, k, v, chunk_size=block_sizes.chunk_size,
+                                      sub_chunk=block_sizes.sub_for(), **kw)
+  from jax.experimental.pallas import tpu as pltpu
+  return tpu_lib.linear_attention_tpu(
+      q, k, v, block_sizes=block_sizes, interpret=pltpu.InterpretParams() if interpret else None,
+      **kw)
