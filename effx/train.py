@@ -273,6 +273,18 @@ class Trainer:
     tokens = max(tokens, 1.0)
     return dict(eval_loss=float(nll / tokens), eval_accuracy=float(correct / tokens))
 
+  def lower_train_step(self) -> jax.stages.Lowered:
+    """The train step lowered from shapes and shardings only (no arrays are made), so it
+    compiles ahead of time for compile-only devices too, e.g. a TPU slice described by
+    `jax.experimental.topologies.get_topology_desc(...)` (needs libtpu, not a TPU):
+    `Trainer(..., devices=topology.devices).lower_train_step().compile()`."""
+    batch = {k: jax.ShapeDtypeStruct((self.batch_size, self.seq_len),
+                                     jnp.float32 if k == "weights" else jnp.int32,
+                                     sharding=self.batch_sharding)
+             for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._train_step.lower(self.abstract_state, batch)
+
   def step_flops(self, state: TrainState, batch: Batch) -> float:
     """FLOPs of one train step (XLA cost analysis; analytic 6N+attention estimate otherwise)."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
@@ -393,7 +405,9 @@ def train(model: DecoderLM, cfg: TrainConfig, mesh_cfg: MeshConfig, data_cfg: An
       dt = time.perf_counter() - t0
       step += 1
       if not math.isfinite(float(metrics["loss"])):
+        bar.close()
         metrics_log.close()
+        ckpt.close()
         raise NonFiniteLossError(f"non-finite loss {float(metrics['loss'])} at step {step}; "
                                  f"stopping without checkpointing this state "
                                  f"(last checkpoint: step {last_saved})")
