@@ -1,7 +1,7 @@
 """Tests for effx/pallas_kernels/decode_attention (kernels vs the pure-jnp reference).
 
-The TPU kernel runs in TPU interpret mode with the race detector on and uninitialised memory
-poisoned with NaN. Tolerances (absolute, relative to max |reference|, inputs ~N(0, 1)):
+The TPU kernel runs in TPU interpret mode and the Mosaic GPU kernel in GPU interpret mode, both
+with the race detector on and uninitialised memory poisoned with NaN. Tolerances (absolute, relative to max |reference|, inputs ~N(0, 1)):
 float32 1e-5 (outputs) and 1e-5 (log-sum-exp); bfloat16 2e-2 (P is cast to bf16 before the PV
 matmul, as in every flash kernel; the output is rounded to bf16).
 """
@@ -14,14 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 from effx.pallas_kernels import decode_attention as da
+from effx.pallas_kernels.decode_attention import gpu as da_gpu
 from effx.pallas_kernels.decode_attention import reference as da_ref
 from effx.pallas_kernels.decode_attention import tpu as da_tpu
 from effx.pallas_kernels.decode_attention.config import BlockSizes
 
 TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
+GPU_INTERPRET = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, database=None,
                 phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate),
@@ -186,6 +189,28 @@ def test_tpu_kernel_stale_slots_and_empty_rows():
 
 
 # ------------------------------------------------------------------------------------------------
+# Mosaic GPU kernel in GPU interpret mode
+# ------------------------------------------------------------------------------------------------
+
+
+def test_gpu_kernel_forward():
+  """Two compute warpgroups and two row tiles (T=7 x 20 query heads per KV head = 140 rows),
+  a tree, soft-cap, max_len not a multiple of block_k (padded), two splits of which row 0's
+  second one is past its length (nothing fetched: its partial is empty)."""
+  b, t, h, hkv, d, kv_len = 2, 7, 40, 2, 64, 150
+  q, k, v = _inputs(11, b, t, h, hkv, d, kv_len, jnp.bfloat16)
+  lengths = jnp.asarray([10, kv_len - t], jnp.int32)
+  ntm = _tree_mask(11, b, t)
+  with plgpu.force_gpu_interpret_mode(GPU_INTERPRET):
+    o, lse = da_gpu.decode_attention_gpu(q, k, v, lengths, ntm, logit_soft_cap=5.0,
+                                         block_sizes=BlockSizes(64, 2), return_lse=True)
+  ro, rlse = da_ref.decode_attention_reference(q, k, v, lengths, ntm, logit_soft_cap=5.0,
+                                               return_lse=True)
+  _check_close("o", o, ro, 2e-2)
+  _check_close("lse", lse, rlse, 1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
 # Entry point and the attention module
 # ------------------------------------------------------------------------------------------------
 
@@ -215,6 +240,15 @@ def test_entry_point_dispatch():
   with pytest.warns(UserWarning, match="does not apply"):
     got = da.decode_attention(q70, k70, v70, l70, impl="pallas")
   _check_close("fallback", got, da_ref.decode_attention_reference(q70, k70, v70, l70), 1e-6)
+  # f32 is not a Mosaic GPU dtype: XLA fallback, with a warning under "pallas".
+  assert "dtype" in da.fallback_reason(q, k, impl="pallas", backend="gpu")
+  with pytest.warns(UserWarning, match="does not apply"):
+    got = da.decode_attention(q, k, v, lengths, impl="pallas", backend="gpu",
+                              logit_soft_cap=4.0)
+  _check_close("gpu-fallback", got, want, 1e-6)
+  with pytest.raises(ValueError, match="head_dim"):
+    da_gpu.decode_attention_gpu(q.astype(jnp.bfloat16)[..., :16], k.astype(jnp.bfloat16)[..., :16],
+                                v.astype(jnp.bfloat16)[..., :16], lengths)
 
 
 def test_mha_cached_call_pallas_equals_xla():

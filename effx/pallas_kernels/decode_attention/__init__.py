@@ -23,8 +23,8 @@ Which implementation runs (``impl``):
   ("tpu", the default, or "gpu") in interpret mode.
 Fallbacks to XLA (also under ``"pallas"``, with a warning): T > 64 (the kernels encode a
 query's new-token mask in two int32 words); on GPU when ``gpu.supported`` gives a reason
-(f32 inputs, head_dim not a multiple of 64 or > 256, more than 64 query rows per KV head,
-i.e. T * heads / kv_heads > 64). ``fallback_reason(...)`` tells in advance.
+(f32 inputs, head_dim not a multiple of 64 or > 256, block_k not a multiple of 64).
+``fallback_reason(...)`` tells in advance.
 """
 
 from __future__ import annotations
