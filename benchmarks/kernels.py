@@ -5,6 +5,7 @@ Usage:
   python benchmarks/kernels.py --platform gpu             # all lengths 1k..16k, extra variants
   python benchmarks/kernels.py --platform cpu             # XLA paths only (see below)
   options: --no-write (do not append to BENCHMARKS.md), --check-only
+  python benchmarks/kernels.py --decode-gmm               # decode attention + grouped matmul
 
 On a GPU/TPU the script first checks the kernel against the reference on a few awkward
 configurations (lengths that are not tile multiples, GQA, window + soft-cap + segment ids, a
@@ -49,6 +50,8 @@ def _parse():
   p.add_argument("--quick", action="store_true", help="fewer shapes (< 3 min on an H200)")
   p.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
   p.add_argument("--check-only", action="store_true", help="only the correctness checks")
+  p.add_argument("--decode-gmm", action="store_true",
+                 help="only the decode-attention and grouped-matmul section (see its docstring)")
   return p.parse_args()
 
 
@@ -267,6 +270,88 @@ def bench(platform: str, quick: bool) -> tuple[str, list[str]]:
   return "\n".join(rows), notes
 
 
+# ------------------------------------------------------------------------------------------------
+# Decode attention and grouped matmul (--decode-gmm)
+# ------------------------------------------------------------------------------------------------
+
+
+def bench_decode_gmm(platform: str) -> str:
+  """Split-K decode attention and grouped matmul: ours vs the XLA paths, with max |error|.
+
+  Decode: T new tokens (1 = a decode step, 16 = a draft tree) of 32 query heads over a cache of
+  8 kv heads x 128 (GQA 4), per-row lengths at 3/4 of max_len; GB/s counts the K/V bytes of the
+  visible slots. Grouped matmul: 8 groups of uneven sizes (one empty), TFLOP/s = 2 M K N.
+  "XLA dense mask" is MultiHeadAttention's own cached path (dense [b, h, T, max_len] scores);
+  effx.moe "blocked" is the dropless CPU path. On CPU the Pallas kernels only run in interpret
+  mode, whose timing is not meaningful: only the XLA paths are timed (smaller shapes, float32).
+  On GPU there is no grouped-matmul kernel (ragged_dot is the GPU path).
+  """
+  from effx.attention.dot_product import dot_product_attention
+  from effx.moe.dispatch import grouped_matmul as moe_grouped_matmul
+  from effx.pallas_kernels import decode_attention as da
+  from effx.pallas_kernels import grouped_matmul as gm
+  cpu = platform == "cpu"
+  dtype = jnp.float32 if cpu else jnp.bfloat16
+  impl = "xla" if cpu else "pallas"
+  rows = [_row(["op", "shape", "impl", "ms", "rate", "max err vs XLA"]), _row(["---"] * 6)]
+
+  def record(op, shape, name, fn, args, rate_fn, ref=None):
+    try:
+      out = fn(*args)
+      err = "" if ref is None else f"{float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))):.2e}"
+      t = _time(fn, *args)
+      cells = [op, shape, name, f"{t * 1e3:.3f}", rate_fn(t), err]
+    except Exception as e:  # noqa: BLE001 -- report and go on
+      cells = [op, shape, name, "n/a", "n/a", f"{type(e).__name__}: {str(e)[:60]}"]
+    rows.append(_row(cells))
+    print(rows[-1], flush=True)
+
+  b, h, hkv, d, max_len = (2, 8, 2, 64, 1024) if cpu else (8, 32, 8, 128, 8192)
+  for t in (1, 16):
+    q, k, v = _inputs(b, t, max_len, h, hkv, d, dtype)
+    lengths = jnp.full((b,), max_len * 3 // 4 - t, jnp.int32)
+    vis = da.visible_mask(lengths, jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)),
+                                                    (b, t, t)), max_len)
+    ref = jax.jit(da.decode_attention_reference)(q, k, v, lengths).astype(jnp.float32)
+    gbs = lambda s: f"{2 * b * (max_len * 3 // 4) * hkv * d * jnp.dtype(dtype).itemsize / s / 1e9:.1f} GB/s"
+    shape = f"b{b} T{t} h{h}/{hkv} d{d} L{max_len}"
+    if not cpu:
+      record("decode", shape, "ours (Pallas)",
+             jax.jit(lambda q, k, v, n: da.decode_attention(q, k, v, n, impl=impl)),
+             (q, k, v, lengths), gbs, ref)
+    record("decode", shape, "XLA reference", jax.jit(da.decode_attention_reference),
+           (q, k, v, lengths), gbs, ref)
+    record("decode", shape, "XLA dense mask (MHA path)",
+           jax.jit(lambda q, k, v, m: dot_product_attention(q, k, v, m[:, None])),
+           (q, k, v, vis), gbs, ref)
+
+  m, kk, n, g = (2048, 256, 512, 8) if cpu else (16384, 2048, 4096, 8)
+  sizes = np.array([3, 1, 0, 2, 5, 1, 2, 2], np.float64)
+  sizes = np.floor(sizes / sizes.sum() * m).astype(np.int32)
+  sizes[-1] += m - sizes.sum()
+  gs = jnp.asarray(sizes)
+  ks = jax.random.split(jax.random.key(1), 2)
+  lhs = jax.random.normal(ks[0], (m, kk), jnp.float32).astype(dtype)
+  rhs = (jax.random.normal(ks[1], (g, kk, n), jnp.float32) / np.sqrt(kk)).astype(dtype)
+  ref = jax.jit(gm.grouped_matmul_reference)(lhs, rhs, gs).astype(jnp.float32)
+  tfs = lambda s: f"{2 * m * kk * n / s / 1e12:.3g} TFLOP/s"
+  shape = f"M{m} K{kk} N{n} G{g}"
+  if platform == "tpu":
+    record("grouped matmul", shape, "ours (Pallas)",
+           jax.jit(lambda x, w, s: gm.grouped_matmul(x, w, s, impl="pallas")), (lhs, rhs, gs),
+           tfs, ref)
+  record("grouped matmul", shape, "jax.lax.ragged_dot", jax.jit(gm.grouped_matmul_reference),
+         (lhs, rhs, gs), tfs, ref)
+  if cpu:
+    record("grouped matmul", shape, "effx.moe blocked (block 128)",
+           jax.jit(lambda x, w, s: moe_grouped_matmul(x, w, s, impl="blocked", block=128)),
+           (lhs, rhs, gs), tfs, ref)
+  note = bench_decode_gmm.__doc__.split("\n\n")[0].replace("\n  ", " ").strip()
+  return (f"{note} {jnp.dtype(dtype).name}; time = min over 3 rounds of back-to-back calls. "
+          + ("CPU: Pallas kernels only run interpreted here (timing not meaningful), so only the "
+             "XLA paths are timed." if cpu else "") + "\n\n" + "\n".join(rows))
+
+
 def main():
   try:
     platform = jax.default_backend()
@@ -278,6 +363,12 @@ def main():
     _banner(f"asked for --platform {ARGS.platform} but JAX runs on {platform}")
     sys.exit(2)
   print(f"jax {jax.__version__} on {platform}: {jax.devices()[0].device_kind}", flush=True)
+  if ARGS.decode_gmm:
+    body = bench_decode_gmm(platform)
+    print("\n" + body)
+    if not ARGS.no_write:
+      append_section(f"Decode attention and grouped matmul ({platform})", body)
+    return
   check_lines = []
   if platform in ("gpu", "tpu"):
     check_lines = check(platform, ARGS.quick)
