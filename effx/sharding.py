@@ -99,22 +99,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
-  """Starts JAX's multi-process runtime (`jax.distributed.initialize`) when asked to.
+  """Starts JAX's multi-process runtime (`jax.distributed.initialize`) on every process.
 
-  With no arguments it initialises only where the environment configures a cluster (Cloud TPU,
-  SLURM, or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables); a
-  single-process run without such settings is left alone.
+  Explicit arguments win, then the variables JAX_COORDINATOR_ADDRESS ("host:port" of process
+  0), JAX_NUM_PROCESSES and JAX_PROCESS_ID (set them per process, like a torchrun-style
+  launcher does); whatever is still unset comes from JAX's own cluster detection (Cloud TPU VMs
+  and GKE, SLURM, Open MPI, Kubernetes). ValueError (one line) when neither gives a cluster.
   """
-  explicit = coordinator_address is not None
-  from_env = "JAX_COORDINATOR_ADDRESS" in os.environ
-  if not (explicit or from_env or os.environ.get("TPU_WORKER_HOSTNAMES")
-          or os.environ.get("SLURM_JOB_ID")):
-    return
-  kwargs = {}
-  if explicit or from_env:
-    kwargs = dict(
-        coordinator_address=coordinator_address or os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=num_processes if num_processes is not None else int(
-            os.environ["JAX_NUM_PROCESSES"]),
-        process_id=process_id if process_id is not None else int(os.environ["JAX_PROCESS_ID"]))
-  jax.distributed.initialize(**kwargs)
+  env = os.environ
+  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+  values = {"JAX_NUM_PROCESSES": num_processes, "JAX_PROCESS_ID": process_id}
+  for name in values:
+    if values[name] is None and env.get(name, "") != "":
+      try:
+        values[name] = int(env[name])
+      except ValueError:
+        raise ValueError(f"{name}: got {env[name]!r}; must be an integer") from None
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=values["JAX_NUM_PROCESSES"],
+                               process_id=values["JAX_PROCESS_ID"])
+  except (ValueError, RuntimeError) as err:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    raise ValueError(f"--distributed: {first} (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
+                     "and JAX_PROCESS_ID, or run where JAX detects the cluster)") from err

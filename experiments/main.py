@@ -349,7 +349,10 @@ def main(argv: list[str]) -> None:
       raise ConfigError("config: none given; use --config config:lm_tiny (see experiments/configs)")
     if _DISTRIBUTED.value:
       from effx.sharding import initialize_distributed
-      initialize_distributed()
+      try:
+        initialize_distributed()
+      except ValueError as err:
+        raise ConfigError(str(err)) from None
     summary = run(cfg, _WORKDIR.value, _MODE.value)
   except ConfigError as err:
     sys.exit(f"effx: config error: {err}")

@@ -9,9 +9,10 @@ field, the value and what is allowed, and none leaves a workdir that breaks the 
   `experiments.main.preflight` with explicit counts;
 * layer- and API-level cases call the module imported on its own (attention, embedding, draft
   tree, `generate` with `variables=None`: the prompt checks run before anything is applied);
-* one slow test drives the launcher in subprocesses: failures exit non-zero with a one-line
-  last stderr line, then a valid run in the same workdir succeeds, and a failed launch in a used
-  workdir leaves its config and checkpoints untouched (the next run resumes).
+* one slow test drives the launcher in subprocesses: failures (devices, corpus, `--distributed`
+  without a cluster, a str for an int) exit non-zero with a one-line last stderr line, then a
+  valid run in the same workdir succeeds, and a failed launch in a used workdir leaves its
+  config and checkpoints untouched (the next run resumes).
 
 (`tests/test_experiments.py` already covers an unknown field, heads not dividing the width,
 steps=0 and `--mode bogus` as launcher subprocesses; here they run in-process, with the rest.)
@@ -56,7 +57,8 @@ CONFIG_CASES = [
      ["fiddler:with_moe(num_experts=4,top_k=2,dispatch='capacity',capacity_factor=0.0)"], "train",
      ["capacity_factor", "got 0.0", "> 0"]),
     ("moe_eval_capacity_negative",
-     [MOE, "set:model.layer_pattern[0].ffn.eval_capacity_factor=-1.0"], "train", ["eval_capacity_factor", "got -1.0", "> 0"]),
+     [MOE, "set:model.layer_pattern[0].ffn.eval_capacity_factor=-1.0"], "train",
+     ["eval_capacity_factor", "got -1.0", "> 0"]),
     ("moe_expert_choice_causal_lm", [MOE, "set:model.layer_pattern[0].ffn.routing='expert_choice'"],
      "train", ["routing", "'expert_choice'", "allow_noncausal_routing=True"]),
     ("prompt_longer_than_cache", ["set:generate.max_len=16"], "generate",
@@ -171,6 +173,17 @@ def test_data_pipeline_rejects_uneven_process_split():
   _one_line(str(err.value), ["DataConfig.batch_size=4", "process_count=3"])
 
 
+def test_distributed_with_a_non_integer_process_count(monkeypatch):
+  from effx.sharding import initialize_distributed
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+  monkeypatch.setenv("JAX_PROCESS_ID", "0")
+  with pytest.raises(ValueError) as err:  # the launcher reports it as a config error
+    initialize_distributed()
+  _one_line(str(err.value), ["JAX_NUM_PROCESSES", "'two'", "must be an integer"])
+  assert jax.process_count() == 1
+
+
 def test_layers_on_their_own_reject_wrong_ranks_and_dtypes():
   from effx.attention.mha import MultiHeadAttention
   from effx.layers.embedding import Embed
@@ -235,14 +248,15 @@ def test_generate_rejects_bad_prompts_before_applying_the_model():
 # --------------------------------------------------------------------------------------------
 
 
-def _launch(workdir, *directives, mode="train", timeout=300):
+def _launch(workdir, *directives, mode="train", flags=(), timeout=300):
   args = [sys.executable, "-m", "experiments.main", "--config", "config:lm_tiny"]
   for item in [f"set:{s}" for s in TINY] + list(directives):
     args += ["--config", item]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run(args + ["--workdir", str(workdir), "--mode", mode], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith(
+      ("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_", "TPU_"))}
+  env["JAX_PLATFORMS"] = "cpu"
+  return subprocess.run(args + ["--workdir", str(workdir), "--mode", mode, *flags], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _assert_refused(proc, needles):
@@ -260,6 +274,9 @@ def test_launcher_failures_leave_the_workdir_usable(tmp_path):
   _assert_refused(_launch(workdir, "fiddler:with_mesh(data=3)"), ["mesh", "'data': 3", "devices"])
   _assert_refused(_launch(workdir, f"set:data.paths='{tmp_path}/none/*.txt'"),
                   ["DataConfig.paths", "none/*.txt", "matches no file"])
+  _assert_refused(_launch(workdir, flags=["--distributed"]),  # no cluster configured
+                  ["--distributed", "coordinator_address should be defined",
+                   "set JAX_COORDINATOR_ADDRESS"])
   assert not workdir.exists()
 
   good = _launch(workdir)
