@@ -132,7 +132,7 @@ class MultiHeadAttention(nn.Module):
 
   def _projection_params(self, embed_dim: int, heads: int, head_axis: str, name: str
                          ) -> tuple[jax.Array, jax.Array | None]:
-    """The `{name}_kernel` [embed, heads, head_dim] and `{name}_bias` [heads, head_dim] (or None)."""
+    """`{name}_kernel` [embed, heads, head_dim] and `{name}_bias` [heads, head_dim] or None."""
     head_dim = self.resolved_head_dim(embed_dim)
     kernel = self.param(f"{name}_kernel",
                         partitioned(fan_in_normal(), ("embed", head_axis, "head_dim")),
@@ -173,7 +173,6 @@ class MultiHeadAttention(nn.Module):
                                     or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
       raise ValueError(f"attention: segment_ids must be int [batch, seq]={x.shape[:2]}, got "
                        f"{segment_ids.dtype} {segment_ids.shape}")
-
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, *, segment_ids: jax.Array | None = None,

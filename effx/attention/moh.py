@@ -26,9 +26,14 @@ Metrics: `metrics/active_head_fraction` (mean over tokens of active heads / num_
 use each head; 1 for shared heads).
 
 Implementations (`impl`):
-* "xla" (the reference), "cudnn", "blockwise", "pallas": dense, exactly MultiHeadAttention's
+* "xla" (the reference), "cudnn", "blockwise": dense, exactly MultiHeadAttention's
   paths: every head is computed, then multiplied by its gate (0 for inactive heads) before the
   output projection. No compute is saved.
+* "pallas": without a cache and with a plain causal mask, the head-sparse flash kernel
+  (`effx.pallas_kernels.moh_attention`): a (query block of `block_q` tokens, head) pair is
+  computed only if some token of the block selected the head (run-time activity map, skipped
+  in the forward and backward kernels), and the head outputs are multiplied by the gates.
+  Other masks and the cached call patterns use MultiHeadAttention's dense "pallas" path.
 * "head_sparse": only the (token, active head) pairs are computed. The B*T*(h_s + K) pairs are
   sorted by (batch row, head), as dropless MoE sorts tokens by expert, and laid out in blocks
   of `block_q` rows that share one head (each head's run padded to a multiple of `block_q`;
@@ -330,9 +335,10 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
   Call: `y, cache = attn(x, positions, segment_ids=None, cache=None, new_token_mask=None)`,
   exactly as MultiHeadAttention (same params `query/key/value/out_kernel` (+ biases), same
   KVCache, `init_cache(batch, max_len, embed_dim, dtype)`), plus router params
-  `router_shared` [embed, h_s] (h_s > 1), `router_routed` [embed, E] (E > 0), `router_groups`
-  [embed, 2] (both groups) (float32 math) and the sown `aux_loss/moh_balance`, `metrics/active_head_fraction`,
-  `metrics/head_load`. Routing is per token, so every call pattern stays causal.
+  `router_shared` [embed, h_s] (if h_s > 1), `router_routed` [embed, E] (if E > 0) and
+  `router_groups` [embed, 2] (if both groups exist), all used in float32, and the sown
+  `aux_loss/moh_balance`, `metrics/active_head_fraction`, `metrics/head_load`. Routing is per
+  token, so every call pattern stays causal.
 
   Attributes (beyond MultiHeadAttention's num_heads, num_kv_heads, head_dim, mask, rotary,
     use_qkv_bias, logit_soft_cap, block_size, dtype, param_dtype):
@@ -343,7 +349,8 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
     balance_coef: coefficient of the load-balance loss (0 = not sown).
     impl: "head_sparse" (compute only active (token, head) pairs) or a dense path of
       MultiHeadAttention ("xla" reference, "cudnn", "blockwise", "pallas").
-    block_q: rows per (row, head) block of "head_sparse" (capped at the chunk length).
+    block_q: rows per (row, head) block of "head_sparse" (capped at the chunk length); with
+      impl="pallas", the kernel's query tile, i.e. the activity granularity (a multiple of 8).
     sparse_schedule: "head_sparse" block schedule: "loop" (blocks one after another, each
       skipping keys past its last allowed one; CPU), "batched" (all blocks at once; GPU/TPU),
       "auto" = "loop" on CPU, else "batched". See `head_sparse_attention`.
@@ -386,6 +393,9 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
       raise ValueError(f"moh.balance_coef: got {self.balance_coef}; must be >= 0")
     if self.block_q < 1:
       raise ValueError(f"moh.block_q: got {self.block_q}; must be >= 1")
+    if self.impl == "pallas" and self.block_q % 8:
+      raise ValueError(f"moh.block_q: got {self.block_q}; must be a multiple of 8 with "
+                       f"impl='pallas' (the kernel's query tile)")
     if self.sparse_schedule not in SCHEDULES:
       raise ValueError(f"moh.sparse_schedule: got {self.sparse_schedule!r}; allowed: "
                        f"{list(SCHEDULES)}")
@@ -428,9 +438,9 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
     """Router params, gates and the sown balance loss / metrics for tokens x [batch, T, embed]."""
     batch, t, embed = x.shape
     if self.routing == "all":
-      routing = HeadRouting(
-          jnp.broadcast_to(jnp.arange(self.num_heads, dtype=jnp.int32), (batch, t, self.num_heads)),
-          jnp.ones((batch, t, self.num_heads), jnp.float32), None, None)
+      every = jnp.arange(self.num_heads, dtype=jnp.int32)
+      routing = HeadRouting(jnp.broadcast_to(every, (batch, t, self.num_heads)),
+                            jnp.ones((batch, t, self.num_heads), jnp.float32), None, None)
     else:
       hs, e = self.num_shared_heads, self.num_routed_heads
       w_s = self._router_param("router_shared", embed, hs) if hs > 1 else None
@@ -467,6 +477,18 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
     out_kernel = self._out_kernel(head_dim, embed)
     routing = self._route(x, segment_ids)
 
+    kernel = (self.impl == "pallas" and cache is None
+              and self._kernel_mask_args(x.shape[1]) == dict(causal=True, window=None))
+    if kernel:  # head-sparse kernel: skips (query block, head) pairs no token selected
+      from effx.pallas_kernels import moh_attention as moh_kernel
+      gates = (routing.dense_gates(self.num_heads) if self.routing != "all"
+               else jnp.ones(q.shape[:3], jnp.float32))
+      blocks = moh_kernel.default_block_sizes("pallas", head_dim=head_dim)
+      out = moh_kernel.moh_attention(
+          q, k, v, gates, segment_ids=segment_ids, logit_soft_cap=self.logit_soft_cap,
+          block_sizes=moh_kernel.BlockSizes(self.block_q, blocks.block_k), impl="pallas")
+      y = jnp.einsum("bthd,hde->bte", out.astype(self.dtype), out_kernel.astype(self.dtype))
+      return y, None
     if not sparse:
       if cache is None:
         out, new_cache = self._attend_sequence(q, k, v, positions, segment_ids), None
