@@ -80,7 +80,7 @@ def _compare_tpu(q, k, v, lengths, ntm, *, block_sizes, cap=None):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("t", [1, 4, 7])
+@pytest.mark.parametrize("t", [1, 7])
 def test_reference_is_cache_attention_mask_semantics(t):
   """visible_mask == mha.cache_attention_mask without a static mask, and the reference equals
   the attention module's dense path with that mask (random lengths and trees, one jit per T)."""
@@ -144,7 +144,11 @@ def test_block_sizes_validation_and_defaults():
 _HEADS = st.sampled_from([(4, 2), (2, 2), (4, 1)])     # GQA, MHA, MQA
 
 
-@hypothesis.settings(max_examples=3, **SETTINGS)
+@hypothesis.settings(max_examples=1, **SETTINGS)
+@hypothesis.example(b=2, t=4, heads=(4, 2), d=128, kv_len=70, blocks=(16, 3), tree=True,
+                    cap=None, seed=1)
+@hypothesis.example(b=2, t=7, heads=(4, 1), d=32, kv_len=45, blocks=(8, 4), tree=True,
+                    cap=5.0, seed=2)
 @hypothesis.given(b=st.integers(1, 2), t=st.sampled_from([1, 4, 7]), heads=_HEADS,
                   d=st.sampled_from([32, 128]), kv_len=st.integers(20, 70),
                   blocks=st.sampled_from([(8, 4), (16, None), (16, 1), (8, 3)]),
@@ -162,7 +166,7 @@ def test_tpu_kernel_f32(b, t, heads, d, kv_len, blocks, tree, cap, seed):
 
 
 @hypothesis.settings(max_examples=1, **SETTINGS)
-@hypothesis.given(t=st.sampled_from([1, 4, 7]), kv_len=st.integers(30, 60),
+@hypothesis.given(t=st.sampled_from([7, 1, 4]), kv_len=st.integers(30, 60),
                   seed=st.integers(0, 2**16))
 def test_tpu_kernel_bf16(t, kv_len, seed):
   q, k, v = _inputs(seed, 2, t, 8, 2, 64, kv_len, jnp.bfloat16)
@@ -181,7 +185,7 @@ def test_tpu_kernel_stale_slots_and_empty_rows():
   nan = jnp.where(stale[:, :, None, None], jnp.nan, 0.0)
   with pltpu.force_tpu_interpret_mode(TPU_INTERPRET):
     o = da_tpu.decode_attention_tpu(q, k + nan, v + nan, lengths, ntm,
-                                    block_sizes=BlockSizes(8, 3))
+                                    block_sizes=BlockSizes(16, 3))
   zero = jnp.where(stale[:, :, None, None], 0.0, 1.0)
   want = da_ref.decode_attention_reference(q, k * zero, v * zero, lengths, ntm)
   _check_close("o", o, want, 1e-5)

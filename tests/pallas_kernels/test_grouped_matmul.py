@@ -128,8 +128,9 @@ def test_work_list_invariants(sizes, m, tm):
 # ------------------------------------------------------------------------------------------------
 
 
-@hypothesis.settings(max_examples=3, **SETTINGS)
-@hypothesis.given(sizes=st.lists(st.sampled_from([0, 0, 1, 3, 5, 8, 13]), min_size=1, max_size=5),
+@hypothesis.settings(max_examples=2, **SETTINGS)
+@hypothesis.example(sizes=[5, 0, 13, 8, 3], extra=7, kn=(24, 8), blocks=(8, 16, 16), seed=1)
+@hypothesis.given(sizes=st.lists(st.sampled_from([5, 0, 13, 1, 8, 3]), min_size=2, max_size=5),
                   extra=st.integers(0, 9), kn=st.sampled_from([(16, 32), (32, 16), (24, 8)]),
                   blocks=st.sampled_from([(8, 16, 16), (16, 8, 8), (8, 128, 128)]),
                   seed=st.integers(0, 2**16))
@@ -140,10 +141,11 @@ def test_tpu_kernel_f32(sizes, extra, kn, blocks, seed):
 
 
 @hypothesis.settings(max_examples=1, **SETTINGS)
-@hypothesis.given(sizes=st.lists(st.sampled_from([0, 2, 7, 11]), min_size=2, max_size=4),
+@hypothesis.given(sizes=st.lists(st.sampled_from([7, 11, 2]), min_size=2, max_size=4),
                   seed=st.integers(0, 2**16))
 def test_tpu_kernel_bf16(sizes, seed):
-  _compare(sizes, sum(sizes) + 3, 32, 16, jnp.bfloat16, BlockSizes(16, 16, 16), seed=seed)
+  sizes = sizes[:1] + [0] + sizes[1:]     # an empty group between two straddling ones
+  _compare(sizes, sum(sizes) + 3, 32, 16, jnp.bfloat16, BlockSizes(8, 16, 16), seed=seed)
 
 
 @pytest.mark.parametrize("sizes,m", [([0, 0, 0], 10), ([21], 21)])
