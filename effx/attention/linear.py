@@ -40,7 +40,6 @@ window softmax attention summed in one layer, cache ``BasedCache``).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
