@@ -41,7 +41,7 @@ def _launch(workdir, *config, mode="train", timeout=420):
 ], ids=["unknown_field", "heads_not_dividing_width", "bad_value", "bad_mode"])
 def test_config_errors_are_one_line_and_leave_no_workdir(tmp_path, config, mode, needles):
   workdir = tmp_path / "run"
-  proc = _launch(workdir, *config, mode=mode, timeout=180)
+  proc = _launch(workdir, *config, mode=mode, timeout=400)
   assert proc.returncode != 0
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
@@ -55,7 +55,7 @@ def test_config_errors_are_one_line_and_leave_no_workdir(tmp_path, config, mode,
 def test_train_writes_config_then_generate_prints_completion(tmp_path):
   workdir = tmp_path / "run"
   # A failed launch first: it must not break the next run in the same workdir.
-  bad = _launch(workdir, "set:model.embed_dim=30", timeout=180)
+  bad = _launch(workdir, "set:model.embed_dim=30", timeout=400)
   assert bad.returncode != 0 and not workdir.exists()
 
   sets = [f"set:{s}" for s in TINY]

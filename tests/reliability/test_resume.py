@@ -23,7 +23,7 @@ TINY = ["model.embed_dim=32", "model.num_layers=2", "model.layer_pattern[0].atte
         f"train.steps={STEPS}", "train.checkpoint_every=3", "train.log_every=1",
         "train.warmup_steps=2", "train.time_budget_s=None", "train.progress_bar=False",
         "data.eval_batches=1", "generate.max_new_tokens=8"]
-WAIT_S = 420
+WAIT_S = 600
 
 
 def _cmd(workdir, *extra):
