@@ -26,7 +26,7 @@ REMAT_POLICIES: dict[str, Any] = {
 
 # Variable collections that layers may write during apply; scanned layers stack them.
 SOWN_COLLECTIONS = ("aux_loss", "metrics", "intermediates")
-STATE_COLLECTIONS = ("moe_state",)
+STATE_COLLECTIONS = ("moe_state", "constants")
 
 
 @flax.struct.dataclass

@@ -242,7 +242,7 @@ class Trainer:
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state)
     metrics = dict(loss=stats["nll"] / total_weight, accuracy=stats["correct"] / total_weight,
-                   aux_loss=stats["aux"] / accum, grad_norm=optax.global_norm(grads),
+                   aux_loss=stats["aux"] / accum, grad_norm=optax.tree.norm(grads),
                    learning_rate=self.schedule(state.step), tokens=total_weight)
     metrics.update({f"moe/{k}": v for k, v in mean_sown_metrics(sown_last.get("metrics",
                                                                               {})).items()})

@@ -74,10 +74,20 @@ def prefill(model: DecoderLM, variables: Any, prompts: jax.Array, prompt_lengths
   batch = prompts.shape[0]
   cache = model.init_cache(batch, max_len)
   positions = jnp.broadcast_to(jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
-  out = model.apply(variables, prompts, positions, cache=cache)
+  out = model.apply(variables, prompts, positions, prompt_segments(prompts, prompt_lengths),
+                    cache=cache)
   last = prompt_lengths - 1
   rows = jnp.arange(batch)
   return set_cache_length(out.cache, prompt_lengths), out.logits[rows, last], out.hidden
+
+
+def prompt_segments(prompts: jax.Array, prompt_lengths: jax.Array) -> jax.Array:
+  """int32 [batch, prompt_len]: 1 on real prompt tokens, 0 on right padding.
+
+  Recurrent kinds (linear attention) must not fold padding into their state; softmax kinds
+  ignore it (their cache length is set to the real length afterwards).
+  """
+  return (jnp.arange(prompts.shape[1])[None] < prompt_lengths[:, None]).astype(jnp.int32)
 
 
 def step_keys(key: jax.Array, step: jax.Array, batch: int) -> jax.Array:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effx.decoding.generate import prompt_segments
 from effx.decoding.heads import HydraHeads, MedusaHeads
 from effx.decoding.sampling import SamplingConfig, sample, warp_logits
 from effx.decoding.tree import DraftTree, chain
@@ -179,7 +180,8 @@ class DraftModelProposer:
 
   def prefill(self, params, state, prompts, prompt_hidden, prompt_lengths):
     positions = jnp.broadcast_to(jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
-    out = self.model.apply(params, prompts, positions, cache=state)
+    out = self.model.apply(params, prompts, positions, prompt_segments(prompts, prompt_lengths),
+                           cache=state)
     return set_cache_length(out.cache, prompt_lengths)
 
   def propose(self, params, state, hidden, root, key, sampling: SamplingConfig):
