@@ -522,6 +522,17 @@ def _retnet_log_decay(num_heads: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_layer_inputs(owner: str, x: Array, positions: Array) -> None:
+    """One-line errors for the wrong ranks or dtypes of a layer's inputs, before any compute."""
+    if x.ndim != 3:
+        raise ValueError(f"{owner}: x must be [batch, seq, embed], got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{owner}: x must be a floating array, got dtype {x.dtype}")
+    if positions.shape != x.shape[:2] or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"{owner}: positions must be int [batch, seq]={x.shape[:2]}, got "
+                         f"{positions.dtype} {positions.shape}")
+
+
 @flax.struct.dataclass
 class LinearAttentionCache:
     """Recurrent state of ``LinearAttention`` (O(1) in the sequence length).
@@ -774,6 +785,7 @@ class LinearAttention(nn.Module):
                  new_token_mask: Array | None = None,
                  ) -> tuple[Array, LinearAttentionCache | None]:
         """``x: [B, T, embed]`` -> ``(y: [B, T, embed] (dtype), cache or None)``; see class doc."""
+        _check_layer_inputs("LinearAttention", x, positions)
         del positions
         b, t, embed = x.shape
         qf, kf, v, log_decay, beta = self._features(x)
@@ -981,6 +993,7 @@ class SlidingWindowAttention(nn.Module):
                  cache: WindowKVCache | None = None, new_token_mask: Array | None = None,
                  ) -> tuple[Array, WindowKVCache | None]:
         """``x: [B, T, embed]`` -> ``(y: [B, T, embed] (dtype), cache or None)``."""
+        _check_layer_inputs("SlidingWindowAttention", x, positions)
         b, t, embed = x.shape
         h, d, w = self.num_heads, self.head_dim, self.window
         dense = lambda name: _dense((h, d), -1, ("embed", "heads", "head_dim"), self.dtype,

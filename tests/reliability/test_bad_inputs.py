@@ -185,9 +185,12 @@ def test_distributed_with_a_non_integer_process_count(monkeypatch):
 
 
 def test_layers_on_their_own_reject_wrong_ranks_and_dtypes():
+  from effx.attention.linear import BasedAttention, LinearAttention
   from effx.attention.mha import MultiHeadAttention
   from effx.layers.embedding import Embed
   attn = MultiHeadAttention(num_heads=2)
+  linear = LinearAttention(num_heads=2, head_dim=8)
+  based = BasedAttention(num_heads=2, head_dim=8, feature_dim=4, window=4)
   x = jnp.zeros((2, 8, 16), jnp.float32)
   pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
   key = jax.random.key(0)
@@ -202,6 +205,12 @@ def test_layers_on_their_own_reject_wrong_ranks_and_dtypes():
        ["segment_ids must be int [batch, seq]=(2, 8)", "(2, 7)"]),
       (lambda: Embed(10, 4).init(key, jnp.zeros((1, 2), jnp.float32)), TypeError,
        ["Embed: tokens must be an integer array", "float32"]),
+      (lambda: linear.init(key, x[0], pos), ValueError,
+       ["LinearAttention: x must be [batch, seq, embed]", "(8, 16)"]),
+      (lambda: linear.init(key, x, pos.astype(jnp.float32)), ValueError,
+       ["LinearAttention: positions must be int [batch, seq]=(2, 8)", "float32"]),
+      (lambda: based.init(key, x, pos[:, :4]), ValueError,
+       ["Attention: positions must be int [batch, seq]=(2, 8)", "(2, 4)"]),
   ]
   for call, error, needles in cases:
     with pytest.raises(error) as err:
