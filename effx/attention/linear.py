@@ -477,12 +477,41 @@ def linear_attention(q: Array, k: Array, v: Array, *, form: str = "chunked",
 # --------------------------------------------------------------------------------------------
 
 
+class _Projection(nn.Module):
+    """``nn.DenseGeneral`` without bias whose kernel keeps its logical axis names.
+
+    (DenseGeneral initialises a flattened 2-D kernel, which breaks a multi-axis logical
+    constraint under a mesh; here the init runs on the flat shape and is reshaped before
+    the names are attached, with the same fan-in.)
+    """
+
+    features: tuple[int, ...]
+    axis: tuple[int, ...]
+    names: tuple[str | None, ...]
+    kernel_init: Any
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        axes = tuple(a % x.ndim for a in self.axis)
+        in_shape = tuple(x.shape[a] for a in axes)
+
+        def init(key, shape, dtype):
+            flat = (int(np.prod(in_shape)), int(np.prod(self.features)))
+            return self.kernel_init(key, flat, dtype).reshape(shape)
+
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names),
+                            in_shape + tuple(self.features), self.param_dtype)
+        return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype),
+                             axes=(axes, tuple(range(len(axes)))))
+
+
 def _dense(features: tuple[int, ...], axis: int | tuple[int, ...], names: tuple[str | None, ...],
-           dtype: Dtype, param_dtype: Dtype, name: str, init: Any = None) -> nn.DenseGeneral:
-    init = init or nn.initializers.lecun_normal()
-    return nn.DenseGeneral(features=features, axis=axis, use_bias=False, dtype=dtype,
-                           param_dtype=param_dtype, name=name,
-                           kernel_init=nn.with_logical_partitioning(init, names))
+           dtype: Dtype, param_dtype: Dtype, name: str, init: Any = None) -> _Projection:
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    return _Projection(tuple(features), axis, tuple(names),
+                       init or nn.initializers.lecun_normal(), dtype, param_dtype, name=name)
 
 
 def _rms_norm(x: Array, scale: Array, eps: float) -> Array:
