@@ -33,6 +33,7 @@ import warnings
 
 import jax
 
+from effx.pallas_kernels._backend import resolve_target
 from effx.pallas_kernels.decode_attention import reference as ref_lib
 from effx.pallas_kernels.decode_attention import tpu as tpu_lib
 from effx.pallas_kernels.decode_attention.config import BlockSizes
@@ -42,26 +43,10 @@ from effx.pallas_kernels.decode_attention.reference import visible_mask
 __all__ = ["BlockSizes", "decode_attention", "decode_attention_reference", "fallback_reason",
            "resolve", "visible_mask"]
 
-_IMPLS = ("auto", "xla", "pallas")
-_BACKENDS = ("tpu", "gpu")
-
 
 def resolve(impl: str = "auto", backend: str | None = None) -> tuple[str, bool]:
   """Returns ``(target, interpret)``: target in {"xla", "tpu", "gpu"}."""
-  if impl not in _IMPLS:
-    raise ValueError(f"impl={impl!r}; allowed: {_IMPLS}")
-  if backend is not None and backend not in _BACKENDS:
-    raise ValueError(f"backend={backend!r}; allowed: None, {_BACKENDS}")
-  platform = jax.default_backend()
-  if impl == "xla":
-    return "xla", False
-  if platform in _BACKENDS:
-    if backend is not None and backend != platform:
-      raise ValueError(f"backend={backend!r} but jax.default_backend() is {platform!r}")
-    return platform, False
-  if impl == "auto":
-    return "xla", False
-  return backend or "tpu", True
+  return resolve_target(impl, backend)
 
 
 def _default_blocks(interpret: bool, head_dim: int) -> BlockSizes:

@@ -28,6 +28,7 @@ import warnings
 
 import jax
 
+from effx.pallas_kernels._backend import resolve_target
 from effx.pallas_kernels.grouped_matmul import tpu as tpu_lib
 from effx.pallas_kernels.grouped_matmul.config import BlockSizes
 from effx.pallas_kernels.grouped_matmul.reference import check_inputs
@@ -37,28 +38,10 @@ from effx.pallas_kernels.grouped_matmul.reference import transposed_grouped_matm
 __all__ = ["BlockSizes", "fallback_reason", "grouped_matmul", "grouped_matmul_reference",
            "resolve", "transposed_grouped_matmul_reference"]
 
-_IMPLS = ("auto", "xla", "pallas")
-_BACKENDS = ("tpu", "gpu")
-
 
 def resolve(impl: str = "auto", backend: str | None = None) -> tuple[str, bool]:
   """Returns ``(target, interpret)``: target in {"xla", "tpu", "gpu"} ("gpu" = no kernel)."""
-  if impl not in _IMPLS:
-    raise ValueError(f"impl={impl!r}; allowed: {_IMPLS}")
-  if backend is not None and backend not in _BACKENDS:
-    raise ValueError(f"backend={backend!r}; allowed: None, {_BACKENDS}")
-  platform = jax.default_backend()
-  if impl == "xla":
-    return "xla", False
-  if platform in _BACKENDS:
-    if backend is not None and backend != platform:
-      raise ValueError(f"backend={backend!r} but jax.default_backend() is {platform!r}")
-    if impl == "auto" and platform == "gpu":
-      return "xla", False
-    return platform, False
-  if impl == "auto":
-    return "xla", False
-  return backend or "tpu", True
+  return resolve_target(impl, backend, gpu_auto=False)
 
 
 def fallback_reason(impl: str = "pallas", backend: str | None = None) -> str | None:

@@ -27,6 +27,7 @@ import warnings
 
 import jax
 
+from effx.pallas_kernels._backend import resolve_target
 from effx.pallas_kernels.linear_attention import tpu as tpu_lib
 from effx.pallas_kernels.linear_attention.config import BlockSizes
 from effx.pallas_kernels.linear_attention.reference import DECAY_KINDS
@@ -38,24 +39,10 @@ from effx.pallas_kernels.linear_attention.reference import linear_attention_refe
 __all__ = ["BlockSizes", "DECAY_KINDS", "decay_kind", "fallback_reason", "linear_attention",
            "linear_attention_recurrent", "linear_attention_reference", "resolve"]
 
-_IMPLS = ("auto", "xla", "pallas")
-_BACKENDS = ("tpu",)
-
 
 def resolve(impl: str = "auto", backend: str | None = None) -> tuple[str, bool]:
   """Returns ``(target, interpret)``: target in {"xla", "tpu"}."""
-  if impl not in _IMPLS:
-    raise ValueError(f"impl={impl!r}; allowed: {_IMPLS}")
-  if backend is not None and backend not in _BACKENDS:
-    raise ValueError(f"backend={backend!r}; allowed: None, {_BACKENDS}")
-  platform = jax.default_backend()
-  if impl == "xla":
-    return "xla", False
-  if platform == "tpu":
-    return "tpu", False
-  if impl == "auto" or platform == "gpu":
-    return "xla", False
-  return "tpu", True
+  return resolve_target(impl, backend, kernels=("tpu",))
 
 
 def fallback_reason(impl: str = "auto", backend: str | None = None) -> str | None:

@@ -25,6 +25,7 @@ import warnings
 
 import jax
 
+from effx.pallas_kernels._backend import resolve_target
 from effx.pallas_kernels.moh_attention import tpu as tpu_lib
 from effx.pallas_kernels.moh_attention.config import BlockSizes
 from effx.pallas_kernels.moh_attention.reference import activity_map
@@ -34,24 +35,10 @@ from effx.pallas_kernels.moh_attention.reference import moh_attention_reference
 __all__ = ["BlockSizes", "activity_map", "fallback_reason", "moh_attention",
            "moh_attention_reference", "resolve"]
 
-_IMPLS = ("auto", "xla", "pallas")
-_BACKENDS = ("tpu",)
-
 
 def resolve(impl: str = "auto", backend: str | None = None) -> tuple[str, bool]:
   """Returns ``(target, interpret)``: target in {"xla", "tpu"}."""
-  if impl not in _IMPLS:
-    raise ValueError(f"impl={impl!r}; allowed: {_IMPLS}")
-  if backend is not None and backend not in _BACKENDS:
-    raise ValueError(f"backend={backend!r}; allowed: None, {_BACKENDS}")
-  platform = jax.default_backend()
-  if impl == "xla":
-    return "xla", False
-  if platform == "tpu":
-    return "tpu", False
-  if impl == "auto" or platform == "gpu":
-    return "xla", False
-  return "tpu", True
+  return resolve_target(impl, backend, kernels=("tpu",))
 
 
 def fallback_reason(impl: str = "auto", backend: str | None = None) -> str | None:
