@@ -62,6 +62,17 @@ def measure_speculative(exp: Experiment, workdir: str, base_variables: Any, log=
   max_len = bench.prompt_bytes + 1 + bench.max_new_tokens + max_nodes
   cfg = SpeculativeConfig(max_new_tokens=bench.max_new_tokens, max_len=max_len,
                           sampling=exp.generate.sampling, eos_id=-1)
+  trained = []  # (config, heads module, proposer params, acceptance table), loaded once
+  for head_cfg in exp.heads:
+    directory = heads_dir(workdir, head_cfg.kind)
+    if not os.path.exists(os.path.join(directory, "report.json")):
+      raise ValueError(f"heads: no trained {head_cfg.kind} heads in {workdir!r}; run "
+                       f"--mode train_heads first")
+    trainer = HeadTrainer(head_cfg, exp.model, base_variables)
+    params, report = load_heads(directory, jax.eval_shape(lambda: trainer.init()[0]))
+    trained.append((head_cfg, trainer.heads,
+                    proposer_params(trainer.heads, params, base_variables["params"]),
+                    np.asarray(report["acceptance"])))
   rows = []
   for batch in bench.batch_sizes:
     latency = measure_verify_latency(exp.model, base_variables, batch,
@@ -72,20 +83,11 @@ def measure_speculative(exp: Experiment, workdir: str, base_variables: Any, log=
         + ", ".join(f"T={t}: {s / latency[1]:.2f}x" for t, s in sorted(latency.items())))
     tokens, lengths = pad_prompts(prompts[:batch])
     baseline = None
-    for head_cfg in exp.heads:
-      trainer = HeadTrainer(head_cfg, exp.model, base_variables)
-      abstract = jax.eval_shape(lambda: trainer.init()[0])
-      if not os.path.exists(os.path.join(heads_dir(workdir, head_cfg.kind), "report.json")):
-        raise ValueError(f"heads: no trained {head_cfg.kind} heads in {workdir!r}; run "
-                         f"--mode train_heads first")
-      params, report = load_heads(heads_dir(workdir, head_cfg.kind), abstract)
-      acceptance = np.asarray(report["acceptance"])
+    for head_cfg, heads, params, acceptance in trained:
       budget = auto_tree(acceptance, {t: s for t, s in latency.items() if t > 1})
-      proposer = make_proposer(trainer.heads, budget.tree)
       result, baseline = compare_with_plain(
-          exp.model, base_variables, head_cfg.kind, proposer,
-          proposer_params(trainer.heads, params, base_variables["params"]), tokens, lengths,
-          cfg, baseline=baseline, repeats=bench.repeats)
+          exp.model, base_variables, head_cfg.kind, make_proposer(heads, budget.tree), params,
+          tokens, lengths, cfg, baseline=baseline, repeats=bench.repeats)
       row = dict(method=head_cfg.kind, batch=batch, tree_nodes=budget.tree.num_nodes,
                  tau=round(result.stats.tau, 3), speedup=round(result.speedup, 3),
                  tokens_per_second=round(result.tokens_per_second, 1),
