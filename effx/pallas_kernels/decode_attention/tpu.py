@@ -36,11 +36,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from effx.pallas_kernels._tpu_common import NUM_LANES, lanes as _lanes
 from effx.pallas_kernels.decode_attention import reference as ref_lib
 from effx.pallas_kernels.decode_attention.config import BlockSizes
 from effx.pallas_kernels.decode_attention.config import default_splits
 
-NUM_LANES = 128
 NUM_SUBLANES = 8
 
 
@@ -53,17 +53,6 @@ class _Static:
   steps: int
   scale: float
   cap: float | None
-
-
-def _lanes(x, n: int):
-  """``[rows, 128]`` lane-replicated -> ``[rows, n]``."""
-  if n == NUM_LANES:
-    return x
-  if n % NUM_LANES == 0:
-    return jnp.tile(x, (1, n // NUM_LANES))
-  if n < NUM_LANES:
-    return x[:, :n]
-  raise NotImplementedError(f"width {n} must be < 128 or a multiple of 128")
 
 
 def _last_block(start, st: _Static):

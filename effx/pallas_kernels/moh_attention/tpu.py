@@ -36,10 +36,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from effx.pallas_kernels._tpu_common import NUM_LANES, lanes as _lanes, scaled_scores as _scores
 from effx.pallas_kernels.moh_attention import reference as ref_lib
 from effx.pallas_kernels.moh_attention.config import BlockSizes
 
-NUM_LANES = 128
 NUM_SUBLANES = 8
 
 
@@ -66,28 +66,6 @@ class _Static:
   def first_q_block(self, j):
     """First query block that sees key block j (causal)."""
     return (j * self.block_k) // self.block_q
-
-
-def _lanes(x, n: int):
-  """``[rows, 128]`` lane-replicated -> ``[rows, n]``."""
-  if n == NUM_LANES:
-    return x
-  if n % NUM_LANES == 0:
-    return jnp.tile(x, (1, n // NUM_LANES))
-  if n < NUM_LANES:
-    return x[:, :n]
-  raise NotImplementedError(f"width {n} must be < 128 or a multiple of 128")
-
-
-def _scores(q, k, st: _Static):
-  """Scaled (and soft-capped) float32 scores ``[bq, bk]``; also returns tanh for the cap grad."""
-  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                          preferred_element_type=jnp.float32) * st.scale
-  th = None
-  if st.cap is not None:
-    th = jnp.tanh(s / st.cap)
-    s = st.cap * th
-  return s, th
 
 
 def _mask(i, j, st: _Static, qseg_ref, kvseg_ref):
