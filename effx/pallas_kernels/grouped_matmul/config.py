@@ -15,17 +15,26 @@ class BlockSizes:
     block_k: contraction tile of the forward (the output tile of the lhs gradient). TPU: a
       multiple of 128 on hardware; K itself is used when block_k does not divide it.
     block_n: output tile of the forward (the contraction tile of the lhs gradient). Same rules.
-  The weight-gradient kernel uses (block_m, block_k, block_n) with block_m as its contraction.
+    num_stages: GPU only: depth of the TMA -> shared memory ring.
+  TPU: the weight-gradient kernel uses (block_m, block_k, block_n) with block_m as its
+  contraction. GPU (``gpu.py``) reads them by role instead: block_m = row tile of the forward
+  and lhs-gradient kernels (a multiple of 64, the WGMMA M), block_k = the contraction step of
+  every kernel (64: one 128-byte swizzled row of a 16-bit type; for the weight gradient, rows
+  per step), block_n = every output tile width (a multiple of 64; 64 where it does not divide
+  the dimension; the weight gradient's tile is block_n x block_n).
   """
   block_m: int = 128
   block_k: int = 128
   block_n: int = 128
+  num_stages: int = 4
 
   def __post_init__(self):
     for name in ("block_m", "block_k", "block_n"):
       val = getattr(self, name)
       if val <= 0 or val % 8:
         raise ValueError(f"BlockSizes.{name}={val} must be a positive multiple of 8")
+    if self.num_stages < 1:
+      raise ValueError(f"BlockSizes.num_stages={self.num_stages} must be >= 1")
 
   @classmethod
   def for_device(cls, device_kind: str, m: int, k: int, n: int) -> "BlockSizes":
@@ -33,9 +42,14 @@ class BlockSizes:
 
     TPU: 512-row tiles (fewer, larger MXU passes; megablox's tuned tables sit around 512 x
     1024 x 1024 for large MoE layers), 1024-wide K/N tiles where they divide, else 512 / 256 /
-    128. Unknown devices (CPU included) get 128 x 128 x 128.
+    128. GPU (any NVIDIA kind, or "gpu"): 128 rows, contraction steps of 64, 128-wide output
+    tiles, 4 stages (the Mosaic GPU kernel's roles, class docstring). Unknown devices (CPU
+    included) get 128 x 128 x 128.
     """
-    if "tpu" not in device_kind.lower():
+    kind = device_kind.lower()
+    if kind == "gpu" or "nvidia" in kind or kind.startswith(("h100", "h200", "h800")):
+      return cls(block_m=128, block_k=64, block_n=128, num_stages=4)
+    if "tpu" not in kind:
       return cls()
 
     def fit(dim: int) -> int:

@@ -1,0 +1,284 @@
+"""Grouped matmul for Hopper GPUs (Pallas Mosaic GPU, ``plgpu``): forward and both gradients.
+
+Shapes: lhs ``[M, K]`` (rows sorted by group), rhs ``[G, K, N]``, group_sizes int32 ``[G]``
+(``sum <= M``), out ``[M, N]``; 16-bit inputs (bf16/f16), float32 accumulation.
+
+``gmm`` (forward, and the lhs gradient ``dout @ rhs[g]^T`` with ``transpose_rhs``): one CTA
+per (output column tile, row tile), a single warpgroup. The schedule (``make_schedule``, built
+by XLA from group_sizes and read by the kernel as int32 scalars from global memory) gives each
+row tile the first and last group whose rows it holds. The CTA visits those groups in order;
+per group, a TMA -> shared memory ring (``plgpu.emit_pipeline``, ``num_stages`` deep, one
+WGMMA in flight) runs ``lhs_tile @ rhs[g]`` over the contraction with a float32 WGMMA
+accumulator, and the rows of that group are selected into a shared-memory output tile that
+starts as zeros. The tile is written once with TMA, so a tile spanning several groups costs one
+full pass per group but no two CTAs ever write the same rows; tiles past ``sum(group_sizes)``
+visit no group and are written as zeros. The last row tile may extend past M: TMA zero-fills
+those rows on load and drops them on store.
+
+``tgmm`` (weight gradient ``out[g] = lhs_g^T @ dout_g``): one CTA per (N tile, K tile, group),
+contracting over the group's rows in steps of ``block_k`` rows that start at the group's first
+row (not at a tile boundary), so only the last step can hold rows of the next group (or rows
+past M, which TMA zero-fills); that step's rows are zeroed in shared memory (a select, so
+non-finite values in other groups cannot leak) before its WGMMA. Empty groups get zeros.
+
+Limits (``supported``): bf16/f16, K and N multiples of 64; M arbitrary. GPU interpret mode
+(``plgpu.InterpretGPUParams``) runs the same kernels on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from effx.pallas_kernels.grouped_matmul.config import BlockSizes
+
+SWIZZLE_BYTES = 128
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def supported(lhs, rhs, *, block_sizes: BlockSizes) -> str | None:
+  """None if the Mosaic GPU kernels handle this call, else the reason they do not."""
+  dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+  if dtype not in DTYPES:
+    return f"dtype {dtype} (the Mosaic GPU kernel takes bf16/f16 inputs)"
+  k, n = rhs.shape[1], rhs.shape[2]
+  if k % 64 or n % 64:
+    return f"K={k}, N={n} (the Mosaic GPU kernel needs multiples of 64)"
+  if block_sizes.block_m % 64:
+    return f"block_m {block_sizes.block_m} (GPU kernel: a multiple of 64)"
+  if block_sizes.block_k != 64:
+    return f"block_k {block_sizes.block_k} (GPU kernel: 64, one 128-byte swizzled row)"
+  if block_sizes.block_n % 64:
+    return f"block_n {block_sizes.block_n} (GPU kernel: a multiple of 64)"
+  return None
+
+
+def make_schedule(group_sizes: jax.Array, m: int, tm: int):
+  """Row tile -> groups, by XLA (traceable).
+
+  Returns (offsets [G + 1], first [T], last [T]) int32 with T = cdiv(m, tm): tile t holds rows
+  of the groups first[t]..last[t] (empty groups in between hold none); ``last < first`` for a
+  tile entirely past ``sum(group_sizes)``. first[t] is never an empty group.
+  """
+  ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+  offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
+  tile_start = jnp.arange(-(-m // tm), dtype=jnp.int32) * tm
+  tile_last_row = jnp.minimum(tile_start + tm, ends[-1]) - 1
+  first = jnp.searchsorted(ends, tile_start, side="right").astype(jnp.int32)
+  last = jnp.searchsorted(ends, tile_last_row, side="right").astype(jnp.int32)
+  last = jnp.where(tile_start < ends[-1], last, first - 1)
+  return offsets, first, last
+
+
+def _transforms(dtype) -> tuple:
+  elems = SWIZZLE_BYTES // jnp.dtype(dtype).itemsize
+  return plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(SWIZZLE_BYTES)
+
+
+def _fit(dim: int, tile: int) -> int:
+  """``tile`` if it divides ``dim``, else 64 (dim is a multiple of 64)."""
+  return tile if dim % tile == 0 else 64
+
+
+def _mma_body(acc_ref, wait: int, a_transpose: bool = False, b_transpose: bool = False):
+  """Pipeline body: one WGMMA on the slot's tiles, at most ``wait`` left in flight."""
+
+  def body(_, a_smem, b_smem):
+    plgpu.wgmma(acc_ref, a_smem.transpose((1, 0)) if a_transpose else a_smem,
+                b_smem.transpose((1, 0)) if b_transpose else b_smem)
+    plgpu.wgmma_wait(wait)
+
+  return body
+
+
+def gmm(lhs, rhs, schedule, *, block_sizes: BlockSizes, out_dtype=None,
+        transpose_rhs: bool = False, interpret=None) -> jax.Array:
+  """``out[r] = lhs[r] @ rhs[g]`` (``rhs[g]^T`` if transpose_rhs) for the rows r of group g.
+
+  Args:
+    lhs: ``[M, C]`` bf16/f16; rhs ``[G, C, O]`` (``[G, O, C]`` if transpose_rhs), same dtype.
+    schedule: ``make_schedule(group_sizes, M, block_sizes.block_m)``.
+    block_sizes: block_m rows, block_k contraction step, block_n output columns (64 where
+      block_n does not divide O); num_stages pipeline depth.
+    out_dtype: default lhs.dtype.
+    interpret: None on a GPU; ``plgpu.InterpretGPUParams`` to run on CPU.
+
+  Returns:
+    ``[M, O]``; rows past ``sum(group_sizes)`` are 0.
+  """
+  m, c = lhs.shape
+  o = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  out_dtype = jnp.dtype(out_dtype or lhs.dtype)
+  tm, tc, to = block_sizes.block_m, block_sizes.block_k, _fit(o, block_sizes.block_n)
+  steps = c // tc
+  stages = max(1, min(block_sizes.num_stages, steps))
+  delay = 1 if stages > 1 else 0
+  in_tr, out_tr = _transforms(lhs.dtype), _transforms(out_dtype)
+  offsets, first, last = schedule
+
+  def kernel(offsets_ref, first_ref, last_ref, lhs_ref, rhs_ref, out_ref, o_smem):
+    ot, mt = lax.axis_index("o"), lax.axis_index("m")
+    o_smem[...] = plgpu.layout_cast(jnp.zeros((tm, to), out_dtype), plgpu.Layout.WGMMA)
+    rows = mt * tm + plgpu.broadcasted_iota(jnp.int32, (tm, to), 0, layout=plgpu.Layout.WGMMA)
+    if transpose_rhs:
+      rhs_spec = plgpu.BlockSpec((to, tc), lambda kk: (ot, kk), transforms=in_tr,
+                                 delay_release=delay)
+    else:
+      rhs_spec = plgpu.BlockSpec((tc, to), lambda kk: (kk, ot), transforms=in_tr,
+                                 delay_release=delay)
+    lhs_spec = plgpu.BlockSpec((tm, tc), lambda kk: (mt, kk), transforms=in_tr,
+                               delay_release=delay)
+
+    @pl.loop(first_ref[mt], last_ref[mt] + 1)
+    def _visit(g):
+      start, end = offsets_ref[g], offsets_ref[g + 1]
+
+      @pl.when(end > start)
+      def _():
+        def acc_scope(acc_ref):
+          plgpu.emit_pipeline(
+              _mma_body(acc_ref, delay, b_transpose=transpose_rhs), grid=(steps,),
+              in_specs=[lhs_spec, rhs_spec], max_concurrent_steps=stages,
+          )(lhs_ref, rhs_ref.at[g])
+          return acc_ref[...]
+
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((tm, to), jnp.float32))
+        mask = (rows >= start) & (rows < end)
+        prev = plgpu.load(o_smem, layout=plgpu.Layout.WGMMA)
+        o_smem[...] = jnp.where(mask, acc.astype(out_dtype), prev)
+
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[pl.ds(mt * tm, tm), pl.ds(ot * to, to)])
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((m, o), out_dtype),
+      scratch_types=[plgpu.SMEM((tm, to), out_dtype, transforms=out_tr)],
+      grid=(o // to, -(-m // tm)),
+      grid_names=("o", "m"),
+      interpret=interpret,
+  )(offsets, first, last, lhs, rhs)
+
+
+def tgmm(lhs, dout, offsets, num_groups: int, *, block_sizes: BlockSizes, out_dtype=None,
+         interpret=None) -> jax.Array:
+  """``out[g] = lhs[rows of g]^T @ dout[rows of g]`` -> ``[G, K, N]`` (0 for empty groups).
+
+  Args:
+    lhs: ``[M, K]``, dout ``[M, N]``, bf16/f16 (same dtype).
+    offsets: int32 ``[G + 1]`` group row offsets (``make_schedule(...)[0]``).
+    block_sizes: block_k rows per contraction step, block_n the output tile along K and N (64
+      where it does not divide); num_stages pipeline depth.
+    out_dtype: default lhs.dtype (float32 accumulation).
+  """
+  m, k = lhs.shape
+  n = dout.shape[1]
+  out_dtype = jnp.dtype(out_dtype or lhs.dtype)
+  tr_rows, tk, tn = block_sizes.block_k, _fit(k, block_sizes.block_n), _fit(n, block_sizes.block_n)
+  stages = max(2, block_sizes.num_stages)
+  in_tr, out_tr = _transforms(lhs.dtype), _transforms(out_dtype)
+
+  def mask_rows(ref, valid):
+    shape = ref.shape
+    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+    val = plgpu.load(ref, layout=plgpu.Layout.WGMMA)
+    ref[...] = jnp.where(rows < valid, val, jnp.zeros_like(val))
+
+  def kernel(offsets_ref, lhs_ref, dout_ref, out_ref, o_smem):
+    nt, kt, g = lax.axis_index("n"), lax.axis_index("k"), lax.axis_index("g")
+    start = offsets_ref[g]
+    size = offsets_ref[g + 1] - start
+    steps = lax.div(size + (tr_rows - 1), jnp.int32(tr_rows))
+
+    def acc_scope(acc_ref):
+      def step(idx, x_smem, d_smem):
+        (i,) = idx
+
+        @pl.when(i == steps - 1)
+        def _():
+          valid = size - i * tr_rows
+          mask_rows(x_smem, valid)
+          mask_rows(d_smem, valid)
+          plgpu.commit_smem()
+
+        _mma_body(acc_ref, 1, a_transpose=True)(idx, x_smem, d_smem)
+
+      @pl.when(size > 0)
+      def _():
+        # Static-size windows starting at the group's first row; steps never pass its end.
+        plgpu.emit_pipeline(
+            step, grid=(steps,),
+            in_specs=[plgpu.BlockSpec((tr_rows, tk), lambda i: (i, kt), transforms=in_tr,
+                                      delay_release=1),
+                      plgpu.BlockSpec((tr_rows, tn), lambda i: (i, nt), transforms=in_tr,
+                                      delay_release=1)],
+            max_concurrent_steps=stages,
+        )(lhs_ref.at[pl.ds(start, m)], dout_ref.at[pl.ds(start, m)])
+
+      return acc_ref[...]
+
+    acc = pl.run_scoped(acc_scope, plgpu.ACC((tk, tn), jnp.float32))
+    o_smem[...] = acc.astype(out_dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[g, pl.ds(kt * tk, tk), pl.ds(nt * tn, tn)])
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      scratch_types=[plgpu.SMEM((tk, tn), out_dtype, transforms=out_tr)],
+      grid=(n // tn, k // tk, num_groups),
+      grid_names=("n", "k", "g"),
+      interpret=interpret,
+  )(offsets, lhs, dout)
+
+
+def grouped_matmul_gpu(lhs, rhs, group_sizes, *, block_sizes: BlockSizes | None = None,
+                       out_dtype=None, interpret=None) -> jax.Array:
+  """Grouped matmul with the Mosaic GPU kernels and a custom_vjp (``d_lhs`` = ``gmm`` with the
+  weights transposed, ``d_rhs`` = ``tgmm``).
+
+  Args:
+    lhs: ``[M, K]``; rhs ``[G, K, N]`` (cast to their common dtype, bf16 or f16);
+      group_sizes int32 ``[G]``.
+    block_sizes: tiles (default ``BlockSizes.for_device("gpu", ...)``).
+    out_dtype: default the promoted input dtype.
+    interpret: None on a GPU; ``plgpu.InterpretGPUParams(...)`` to run on CPU.
+
+  Returns:
+    ``[M, N]``; rows past ``sum(group_sizes)`` are 0. Differentiable in lhs and rhs.
+    Raises ValueError when ``supported`` gives a reason.
+  """
+  bs = block_sizes or BlockSizes.for_device("gpu", lhs.shape[0], lhs.shape[1], rhs.shape[2])
+  reason = supported(lhs, rhs, block_sizes=bs)
+  if reason is not None:
+    raise ValueError(f"Mosaic GPU grouped matmul does not support {reason}")
+  dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+  out_dtype = out_dtype or dtype
+  num_groups = rhs.shape[0]
+  call = functools.partial(gmm, block_sizes=bs, interpret=interpret)
+
+  @jax.custom_vjp
+  def f(x, w, gs):
+    return call(x, w, make_schedule(gs, x.shape[0], bs.block_m), out_dtype=out_dtype)
+
+  def f_fwd(x, w, gs):
+    sched = make_schedule(gs, x.shape[0], bs.block_m)
+    return call(x, w, sched, out_dtype=out_dtype), (x, w, sched)
+
+  def f_bwd(res, dout):
+    x, w, sched = res
+    dout = dout.astype(dtype)
+    dx = call(dout, w, sched, out_dtype=x.dtype, transpose_rhs=True)
+    dw = tgmm(x, dout, sched[0], num_groups, block_sizes=bs, out_dtype=w.dtype,
+              interpret=interpret)
+    return dx, dw, None
+
+  f.defvjp(f_fwd, f_bwd)
+  return f(lhs.astype(dtype), rhs.astype(dtype), group_sizes.astype(jnp.int32))
