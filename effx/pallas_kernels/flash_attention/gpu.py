@@ -17,9 +17,13 @@ block-sparse masks whose partial tiles are only those that causal/window/padding
 partial, i.e. block-aligned patterns. ``supported()`` says why a call is not; the entry point
 then uses XLA.
 
-Backward: there is no Mosaic GPU backward kernel yet. ``flash_attention_gpu`` is a custom_vjp
-whose backward is the XLA reference's gradient (``jax.vjp`` of ``attention_reference``), which
-recomputes the scores with O(q_len * kv_len) memory per head.
+Backward: ``flash_attention_gpu`` is a custom_vjp whose forward saves o and the lse; its
+backward runs the Mosaic GPU dQ and dK/dV kernels of ``gpu_backward.py`` (FlashAttention-2
+recomputation from the lse, O(len) memory, same masks/segments/soft-cap/GQA/block sparsity).
+Where ``backward_reason()`` gives a reason (head_dim > 128, backward block sizes other than
+64/128, a dense mask that is not block-aligned at the backward tilings) the gradient of that
+call is the XLA reference's (``jax.vjp`` of ``attention_reference``, O(q_len * kv_len) memory
+per head).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from effx.pallas_kernels.flash_attention import gpu_backward as bwd_lib
 from effx.pallas_kernels.flash_attention import layout as layout_lib
 from effx.pallas_kernels.flash_attention import reference as ref_lib
 from effx.pallas_kernels.flash_attention.config import BlockSizes
@@ -316,12 +321,21 @@ def gpu_layout(q_len: int, kv_len: int, block_sizes: BlockSizes, *, causal, wind
                                 block_mask=block_mask)
 
 
+def backward_reason(q, k, *, block_sizes: BlockSizes, causal: bool, window: int | None,
+                    dense_mask=None) -> str | None:
+  """None if ``flash_attention_gpu``'s gradient runs the Mosaic GPU backward kernels, else why
+  it is the XLA reference gradient (assumes the forward is ``supported``)."""
+  layouts = bwd_lib.backward_layouts(q.shape[1], k.shape[1], block_sizes, causal=causal,
+                                     window=window, dense_mask=dense_mask)
+  return bwd_lib.supported_backward(q, k, block_sizes=block_sizes, layouts=layouts)
+
+
 def flash_attention_gpu(q, k, v, *, segment_ids=None, causal: bool = True,
                         window: int | None = None, block_mask=None, dense_mask=None,
                         logit_soft_cap: float | None = None, sm_scale: float | None = None,
                         block_sizes: BlockSizes | None = None, interpret=None,
                         return_lse: bool = False, p_via_smem: bool | None = None):
-  """Flash attention forward with the Mosaic GPU kernel; XLA reference gradient.
+  """Flash attention with the Mosaic GPU kernels (forward; backward: ``gpu_backward.py``).
 
   Args: as ``attention_reference`` plus ``block_sizes`` (GPU: block_q 64 or 128, block_k a
   multiple of 64, num_stages) and ``interpret`` (None on a GPU; ``plgpu.InterpretGPUParams``
@@ -330,7 +344,9 @@ def flash_attention_gpu(q, k, v, *, segment_ids=None, causal: bool = True,
 
   Returns:
     ``[batch, q_len, heads, head_dim]`` in q's dtype (and the float32 lse
-    ``[batch, heads, q_len]`` if ``return_lse``; not differentiable then).
+    ``[batch, heads, q_len]`` if ``return_lse``; not differentiable then). The gradient
+    (q, k, v) uses the Mosaic GPU backward kernels, or the XLA reference gradient where
+    ``backward_reason`` gives a reason.
   """
   bs = block_sizes or BlockSizes()
   b, q_len, h, d = q.shape
@@ -366,15 +382,23 @@ def flash_attention_gpu(q, k, v, *, segment_ids=None, causal: bool = True,
   kw = dict(causal=causal, window=window, dense_mask=dense_mask,
             logit_soft_cap=logit_soft_cap, sm_scale=sm_scale)
 
+  bwd_reason = backward_reason(q, k, block_sizes=bs, causal=causal, window=window,
+                               dense_mask=dense_mask)
+
   @jax.custom_vjp
   def attn(q, k, v, seg):
     return fwd(q, k, v, seg)[0]
 
   def attn_fwd(q, k, v, seg):
-    return fwd(q, k, v, seg)[0], (q, k, v, seg)
+    o, lse = fwd(q, k, v, seg)
+    return o, (q, k, v, seg, o, lse)
 
   def attn_bwd(res, do):
-    q, k, v, seg = res
+    q, k, v, seg, o, lse = res
+    if bwd_reason is None:
+      grads = bwd_lib.flash_attention_bwd_gpu(
+          q, k, v, o, lse, do, segment_ids=seg, block_sizes=bs, interpret=interpret, **kw)
+      return (*grads, None)
     _, vjp = jax.vjp(
         lambda q, k, v: ref_lib.attention_reference(q, k, v, segment_ids=seg, **kw), q, k, v)
     return (*vjp(do), None)
