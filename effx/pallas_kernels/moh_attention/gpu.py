@@ -1,0 +1,414 @@
+"""Head-sparse causal flash attention for Hopper GPUs (Pallas Mosaic GPU, ``plgpu``).
+
+MoH activates a few heads per token; a (query block, head) pair that no token of the block
+routed to needs no attention. Every kernel here reads the run-time activity map (int32
+``[batch, heads, nq]`` in global memory, one scalar per CTA) and does no work for inactive
+pairs:
+
+* forward, one CTA per (head, query block, batch): ``block_q // 64`` compute warpgroups of 64
+  rows plus one memory warpgroup that streams the causally visible K/V tiles with TMA into a
+  ``num_stages``-deep shared-memory ring ("loaded" barriers with transaction counts, "consumed"
+  barriers with one arrival per compute warpgroup). FlashAttention-2 recurrence with WGMMA in
+  base 2 (scores pre-multiplied by log2 e), the causal element mask only on diagonal tiles
+  (``lax.cond``). An inactive CTA fetches nothing and writes O = 0 and lse = +inf.
+* dQ, one CTA per (head, query block, batch), the same structure: P is recomputed from the
+  saved lse, ``dS = P * (dP - D)``, ``dQ += dS K``. Inactive CTAs write zeros.
+* dK/dV, one CTA per (kv head, 128-key block, batch), two compute warpgroups of 64 keys each
+  (K and V stay in shared memory) plus a memory warpgroup streaming 64-row query tiles (Q, dO,
+  lse, D) of the CTA's visit list: the active (head of the GQA group, query tile) pairs, sorted
+  by query tile, built by XLA (``_dkv_tables``) so that the pairs a key block sees causally are
+  a suffix ``start[j] .. count`` of one list per (batch, kv head). ``S^T = K Q^T``,
+  ``dV += P^T dO``, ``dP^T = V dO^T``, ``dK += dS^T Q``; GQA accumulates in registers.
+
+Per-token head gates are applied by XLA outside the kernels (``y = gates * O``; its autodiff
+gives ``dgates = rowsum(dy * O)`` and ``dO = gates * dy``); ``D = rowsum(dO * O)`` is XLA.
+Lengths that are not tile multiples are zero-padded: causality hides padded keys from real
+rows, and padded rows have ``dO = 0`` so they add nothing to dK/dV.
+
+Supported (``supported``): bf16/f16, head_dim a multiple of 64 up to 256, block_q 64 or 128,
+block_k a multiple of 64, segment ids, soft-cap, GQA/MQA. The backward kernels need
+head_dim <= 128 (the dK and dV accumulators of 64 x head_dim float32 each live in registers);
+above that ``backward_supported`` gives the reason and the gradient is the XLA reference's
+(dense, every head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from effx.pallas_kernels.moh_attention import reference as ref_lib
+from effx.pallas_kernels.moh_attention.config import BlockSizes
+
+WG_ROWS = 64          # rows of one WGMMA warpgroup tile
+DQ_BLOCK_K = 64       # keys per dQ step
+DKV_BLOCK_K = 128     # keys per dK/dV CTA (two compute warpgroups)
+DKV_BLOCK_Q = 64      # query rows per dK/dV step
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Trace-time constants of one call (``tp``: padded length)."""
+  cap: float | None
+  scale: float
+  block_q: int
+  block_k: int
+  num_stages: int
+  groups: int
+  tp: int
+  has_seg: bool
+  interpreting: bool
+
+  @property
+  def nq(self) -> int:
+    return self.tp // self.block_q
+
+
+def supported(q, k, *, block_sizes: BlockSizes) -> str | None:
+  """None if the Mosaic GPU forward handles this call, else the reason it does not."""
+  d = q.shape[-1]
+  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {q.dtype} (the Mosaic GPU kernel takes bf16/f16)"
+  if q.dtype != k.dtype:
+    return f"q dtype {q.dtype} != k dtype {k.dtype}"
+  if d % 64 or d > 256:
+    return f"head_dim {d} (must be a multiple of 64, <= 256)"
+  if block_sizes.block_q not in (64, 128):
+    return f"block_q {block_sizes.block_q} (GPU kernel: 64 or 128)"
+  if block_sizes.block_k % 64:
+    return f"block_k {block_sizes.block_k} (GPU kernel: a multiple of 64)"
+  return None
+
+
+def backward_supported(q) -> str | None:
+  """None if the Mosaic GPU dQ and dK/dV kernels handle q's head_dim, else why not."""
+  if q.shape[-1] > 128:
+    return f"head_dim {q.shape[-1]} > 128 (dK/dV accumulators exceed the register file)"
+  return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared pieces
+# ------------------------------------------------------------------------------------------------
+
+
+def _tile(dtype, *shape):
+  """A shared-memory tile in the WGMMA operand layout (8 x 64 tiles, 128-byte swizzle)."""
+  return plgpu.SMEM(shape, dtype,
+                    transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _matmul(a, b, shape):
+  """A fresh float32 WGMMA product ``a @ b`` of ``shape``."""
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _accumulate(acc, a, b, st: _Static):
+  """``acc + a @ b``; in place on hardware (interpret mode cannot run ``pl.run_state``)."""
+  if st.interpreting:
+    return acc + _matmul(a, b, acc.shape)
+
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+  return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _lhs(x, buf):
+  """A WGMMA left operand: registers on hardware, the shared tile ``buf`` in interpret mode
+  (whose WGMMA takes shared-memory operands only)."""
+  if buf is None:
+    return x
+  buf[...] = x
+  plgpu.commit_smem()
+  return buf
+
+
+def _scores(raw, st: _Static):
+  """Raw ``q . k`` -> (base-2 scores ``log2(e) * score``, tanh of the soft-cap or None)."""
+  if st.cap is None:
+    return raw * (st.scale * LOG2E), None
+  th = jnp.tanh(raw * (st.scale / st.cap))
+  return th * (st.cap * LOG2E), th
+
+
+def _mask(s, row0, col0, *, keys_on_rows: bool, row_ids=None, col_ids=None):
+  """Causal (+ segment) mask of a WGMMA-layout tile whose rows start at position ``row0`` and
+  columns at ``col0``; rows are queries (or keys if ``keys_on_rows``)."""
+  shape = s.shape
+  rows = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+  cols = col0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+  keep = rows <= cols if keys_on_rows else cols <= rows
+  if row_ids is not None:
+    same = (lax.broadcast_in_dim(row_ids, shape, [0])
+            == lax.broadcast_in_dim(col_ids, shape, [1]))
+    keep = jnp.logical_and(keep, same)
+  return jnp.where(keep, s, -jnp.inf)
+
+
+def _masked(s, full, row0, col0, *, keys_on_rows: bool, row_ids=None, col_ids=None):
+  """The causal mask applied only when the tile is not ``full`` (segments always)."""
+  causal = lambda x: _mask(x, row0, col0, keys_on_rows=keys_on_rows)
+  s = lax.cond(full, lambda x: x, causal, s)
+  if row_ids is not None:
+    same = (lax.broadcast_in_dim(row_ids, s.shape, [0])
+            == lax.broadcast_in_dim(col_ids, s.shape, [1]))
+    s = jnp.where(same, s, -jnp.inf)
+  return s
+
+
+def _kv_blocks(qt, block_q: int, block_k: int):
+  """Key tiles a causal query block ``qt`` needs: ``ceil((qt + 1) * block_q / block_k)``."""
+  return lax.div((qt + 1) * block_q + (block_k - 1), jnp.int32(block_k))
+
+
+def _compute_registers(num_compute_wgs: int) -> int:
+  return 232 if num_compute_wgs == 2 else 240
+
+
+def _rows_layout():
+  return plgpu.Layout.WGMMA.reduce(1)   # one value per tile row
+
+
+def _cols_layout():
+  return plgpu.Layout.WGMMA.reduce(0)   # one value per tile column
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------
+
+
+def _fwd_call(q, k, v, seg, act, st: _Static, interpret):
+  """q ``[B, Tp, H, D]``, k/v ``[B, Tp, Hkv, D]``, act int32 ``[B, H, nq]`` ->
+  (O ungated ``[B, Tp, H, D]`` like q, natural-log lse float32 ``[B, H, Tp]``)."""
+  b, tp, h, d = q.shape
+  dtype = q.dtype
+  w, bk, ns, nq = st.block_q // WG_ROWS, st.block_k, st.num_stages, st.nq
+
+  def kernel(q_ref, k_ref, v_ref, act_ref, seg_ref, o_ref, lse_ref, smem, bars):
+    q_smem, k_smem, v_smem, lse_smem, qseg_smem, kvseg_smem, p_smem = smem
+    q_bar, k_bar, v_bar, seg_bar, k_used, v_used = bars
+    bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
+    qt = (nq - 1) - lax.axis_index("q_seq")   # the longest causal rows start first
+    wg = lax.axis_index("wg")
+    count = jnp.where(act_ref[bi, hi, qt] != 0, _kv_blocks(qt, st.block_q, bk), 0)
+
+    @pl.when(wg < w)
+    def _compute():
+      plgpu.set_max_registers(_compute_registers(w), action="increase")
+      row0 = qt * st.block_q + wg * WG_ROWS
+      qs = q_smem.at[wg]
+
+      @pl.when(count > 0)
+      def _load_q():
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, WG_ROWS), hi], qs, q_bar.at[wg])
+        if st.has_seg:
+          plgpu.copy_gmem_to_smem(seg_ref.at[bi, pl.ds(row0, WG_ROWS)], qseg_smem.at[wg],
+                                  q_bar.at[w + wg])
+          plgpu.barrier_wait(q_bar.at[w + wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+
+      q_ids = plgpu.load(qseg_smem.at[wg], layout=_rows_layout()) if st.has_seg else None
+      m0 = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), _rows_layout())
+      l0 = plgpu.layout_cast(jnp.full((WG_ROWS,), 0.0, jnp.float32), _rows_layout())
+      acc0 = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+      def step(t, carry):
+        acc, m_i, l_i = carry
+        slot = lax.rem(t, jnp.int32(ns))
+        plgpu.barrier_wait(k_bar.at[slot])
+        kv_ids = None
+        if st.has_seg:
+          plgpu.barrier_wait(seg_bar.at[slot])
+          kv_ids = plgpu.load(kvseg_smem.at[slot], layout=_cols_layout())
+        s = _matmul(qs, k_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk))
+        plgpu.barrier_arrive(k_used.at[slot])
+        s, _ = _scores(s, st)
+        s = _masked(s, (t + 1) * bk - 1 <= row0, row0, t * bk, keys_on_rows=False,
+                    row_ids=q_ids, col_ids=kv_ids)
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        p_op = _lhs(p.astype(dtype), None if p_smem is None else p_smem.at[wg])
+        plgpu.barrier_wait(v_bar.at[slot])
+        acc = _accumulate(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p_op,
+                          v_smem.at[slot], st)
+        plgpu.barrier_arrive(v_used.at[slot])
+        return acc, m_new, l_i
+
+      acc, m_i, l_i = lax.fori_loop(0, count, step, (acc0, m0, l0))
+      empty = l_i == 0.0                       # inactive pair (no step ran)
+      l_safe = jnp.where(empty, 1.0, l_i)
+      inv = jnp.where(empty, 0.0, 1.0 / l_safe)
+      qs[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+      lse_smem.at[wg][...] = jnp.where(empty, jnp.inf, m_i * LN2 + jnp.log(l_safe))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qs, o_ref.at[bi, pl.ds(row0, WG_ROWS), hi])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(row0, WG_ROWS)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == w)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      kvh = lax.div(hi, jnp.int32(st.groups))
+
+      @pl.loop(0, count)
+      def _fetch(t):
+        slot = lax.rem(t, jnp.int32(ns))
+        rows = pl.ds(t * bk, bk)
+
+        @pl.when(t >= ns)
+        def _():
+          plgpu.barrier_wait(k_used.at[slot])
+          if st.has_seg:   # order the generic-proxy reads of the ids before the TMA overwrite
+            plgpu.commit_smem()
+
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, kvh], k_smem.at[slot], k_bar.at[slot])
+        if st.has_seg:
+          plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], kvseg_smem.at[slot], seg_bar.at[slot])
+
+        @pl.when(t >= ns)
+        def _():
+          plgpu.barrier_wait(v_used.at[slot])
+
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, kvh], v_smem.at[slot], v_bar.at[slot])
+
+  def entry(q_ref, k_ref, v_ref, act_ref, *rest):
+    seg_ref, (o_ref, lse_ref) = (rest[0], rest[1:]) if st.has_seg else (None, rest)
+    smem = (_tile(dtype, w, WG_ROWS, d), _tile(dtype, ns, bk, d), _tile(dtype, ns, bk, d),
+            plgpu.SMEM((w, WG_ROWS), jnp.float32),
+            plgpu.SMEM((w, WG_ROWS), jnp.int32) if st.has_seg else None,
+            plgpu.SMEM((ns, bk), jnp.int32) if st.has_seg else None,
+            _tile(dtype, w, WG_ROWS, bk) if st.interpreting else None)
+    bars = (plgpu.Barrier(num_barriers=2 * w), plgpu.Barrier(num_barriers=ns),
+            plgpu.Barrier(num_barriers=ns),
+            plgpu.Barrier(num_barriers=ns) if st.has_seg else None,
+            plgpu.Barrier(num_arrivals=w, num_barriers=ns),
+            plgpu.Barrier(num_arrivals=w, num_barriers=ns))
+    pl.run_scoped(lambda s, br: kernel(q_ref, k_ref, v_ref, act_ref, seg_ref, o_ref, lse_ref,
+                                       s, br),
+                  smem, bars, collective_axes="wg")
+
+  args = [q, k, v, act] + ([seg] if st.has_seg else [])
+  return plgpu.kernel(
+      entry,
+      out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
+      grid=(h, nq, b), grid_names=("heads", "q_seq", "batch"),
+      num_threads=w + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------------
+
+
+def _xla_bwd(qp, kp, vp, seg, act, do, st: _Static):
+  """The XLA reference's gradient of the ungated, activity-masked O (dense: every head)."""
+  ones = jnp.ones(qp.shape[:3], jnp.float32)
+  active = jnp.swapaxes(act, 1, 2) != 0
+
+  def ungated(q, k, v):
+    return ref_lib.moh_attention_reference(q, k, v, ones, active=active, block_q=st.block_q,
+                                           segment_ids=seg, logit_soft_cap=st.cap,
+                                           sm_scale=st.scale)
+  return jax.vjp(ungated, qp, kp, vp)[1](do)
+
+
+def _bwd(qp, kp, vp, seg, act, o, lse, do, st: _Static, interpret):
+  return _xla_bwd(qp, kp, vp, seg, act, do, st)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry
+# ------------------------------------------------------------------------------------------------
+
+
+def _pad_time(x, tp: int):
+  extra = tp - x.shape[1]
+  if not extra:
+    return x
+  return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
+
+
+def moh_attention_gpu(q, k, v, gates, *, active=None, segment_ids=None,
+                      logit_soft_cap: float | None = None, sm_scale: float | None = None,
+                      block_sizes: BlockSizes | None = None, interpret=None):
+  """Head-sparse MoH attention with the Mosaic GPU kernels (semantics: ``reference.py``).
+
+  Args:
+    q: ``[batch, T, heads, head_dim]`` bf16/f16; k, v: ``[batch, T, kv_heads, head_dim]``.
+    gates: ``[batch, T, heads]`` per-token head gates.
+    active: bool ``[batch, ceil(T / block_q), heads]`` or None (= ``activity_map(gates,
+      block_q)``): which (query block, head) pairs are computed.
+    segment_ids: int32 ``[batch, T]`` or None.
+    logit_soft_cap, sm_scale: as ``flash_attention``.
+    block_sizes: tiles (``supported`` lists the GPU constraints); ``block_q`` is the activity
+      map's block.
+    interpret: None on a GPU; ``plgpu.InterpretGPUParams(...)`` to run on CPU (or run under
+      ``plgpu.force_gpu_interpret_mode``).
+
+  Returns:
+    ``[batch, T, heads, head_dim]`` in q's dtype, differentiable in q, k, v and gates (the gate
+    gradient is 0 on inactive pairs, like the output). Raises ValueError when ``supported``
+    reports a reason.
+  """
+  bs = block_sizes or BlockSizes()
+  ref_lib.check_inputs(q, k, v, gates, active, bs.block_q)
+  reason = supported(q, k, block_sizes=bs)
+  if reason is not None:
+    raise ValueError(f"Mosaic GPU MoH attention does not support {reason}")
+  b, t, h, d = q.shape
+  if active is None:
+    active = ref_lib.activity_map(gates, bs.block_q)
+  mult = int(np.lcm.reduce([bs.block_q, bs.block_k, DKV_BLOCK_K]))
+  tp = -(-t // mult) * mult
+  st = _Static(cap=logit_soft_cap,
+               scale=float(sm_scale) if sm_scale is not None else 1.0 / float(np.sqrt(d)),
+               block_q=bs.block_q, block_k=bs.block_k, num_stages=bs.num_stages,
+               groups=h // k.shape[2], tp=tp, has_seg=segment_ids is not None,
+               interpreting=bool(interpret) or jax.default_backend() != "gpu")
+  act = jnp.pad(active.astype(jnp.int32), ((0, 0), (0, st.nq - active.shape[1]), (0, 0)))
+  act = jnp.swapaxes(act, 1, 2)                          # [B, H, nq]
+  seg = None
+  if segment_ids is not None:
+    seg = _pad_time(jnp.asarray(segment_ids, jnp.int32), tp)
+  qp, kp, vp = (_pad_time(x, tp) for x in (q, k, v))
+  kernel_bwd = backward_supported(q) is None
+
+  @jax.custom_vjp
+  def attn(qp, kp, vp, seg, act):
+    return _fwd_call(qp, kp, vp, seg, act, st, interpret)[0]
+
+  def attn_fwd(qp, kp, vp, seg, act):
+    o, lse = _fwd_call(qp, kp, vp, seg, act, st, interpret)
+    return o, (qp, kp, vp, seg, act, o, lse)
+
+  def attn_bwd(res, do):
+    qp, kp, vp, seg, act, o, lse = res
+    if kernel_bwd:
+      dq, dk, dv = _bwd(qp, kp, vp, seg, act, o, lse, do, st, interpret)
+    else:
+      dq, dk, dv = _xla_bwd(qp, kp, vp, seg, act, do, st)
+    return dq, dk, dv, None, None
+
+  attn.defvjp(attn_fwd, attn_bwd)
+  o = attn(qp, kp, vp, seg, act)[:, :t]                 # ungated, 0 on inactive pairs
+  return (o.astype(jnp.float32) * gates.astype(jnp.float32)[..., None]).astype(q.dtype)

@@ -1,0 +1,160 @@
+"""Tests for the Mosaic GPU head-sparse (MoH) attention kernels, in GPU interpret mode on CPU.
+
+Kernels run under ``plgpu.force_gpu_interpret_mode`` with the race detector on and
+uninitialised memory poisoned with NaN, against the pure-jnp reference (values and the
+gradients in q, k, v and gates). The kernels take bf16/f16 only; tolerances relative to
+max(1, max|reference|): values 2e-2, gradients 6e-2 (P and dS are cast to bf16 before their
+matmuls, as in every flash kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from effx.pallas_kernels import moh_attention as mk
+from effx.pallas_kernels.moh_attention import gpu as mk_gpu
+from effx.pallas_kernels.moh_attention.config import BlockSizes
+
+GPU_INTERPRET = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
+ATOL, GTOL = 2e-2, 6e-2
+
+
+def _inputs(seed, b, t, h, hkv, d, block_q, density):
+  """bf16 q, k, v, dy; gates (0 outside a random activity map, some zeros inside); active."""
+  ks = jax.random.split(jax.random.key(seed), 7)
+  q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32).astype(jnp.bfloat16)
+  k = jax.random.normal(ks[1], (b, t, hkv, d), jnp.float32).astype(jnp.bfloat16)
+  v = jax.random.normal(ks[2], (b, t, hkv, d), jnp.float32).astype(jnp.bfloat16)
+  nq = -(-t // block_q)
+  active = jax.random.bernoulli(ks[3], density, (b, nq, h))
+  tok = jnp.repeat(active, block_q, axis=1)[:, :t] & jax.random.bernoulli(ks[4], 0.7, (b, t, h))
+  gates = jnp.where(tok, jax.random.uniform(ks[5], (b, t, h), minval=0.2, maxval=2.0), 0.0)
+  dy = jax.random.normal(ks[6], (b, t, h, d), jnp.float32).astype(jnp.bfloat16)
+  return q, k, v, gates, active, dy
+
+
+def _segments(seed, b, length, num=2):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(np.sort(rng.integers(0, num + 1, size=(b, length)), axis=1), jnp.int32)
+
+
+def _check_close(name, got, want, atol):
+  got = np.asarray(jnp.asarray(got, jnp.float32))
+  want = np.asarray(jnp.asarray(want, jnp.float32))
+  assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+  assert np.isfinite(got).all(), f"{name}: non-finite values"
+  err = np.abs(got - want).max() if got.size else 0.0
+  assert err <= atol * max(1.0, np.abs(want).max()), f"{name}: max err {err} > {atol}"
+
+
+@functools.partial(jax.jit, static_argnames=("fn",))
+def _value_and_vjp(fn, q, k, v, gates, dy):
+  y, vjp = jax.vjp(fn, q, k, v, gates)
+  return y, vjp(dy)
+
+
+def _compare(q, k, v, gates, active, dy, *, block_sizes, segment_ids=None, cap=None,
+             grads=True):
+  kw = dict(active=active, segment_ids=segment_ids, logit_soft_cap=cap)
+  ker = functools.partial(mk_gpu.moh_attention_gpu, block_sizes=block_sizes, **kw)
+  ref = functools.partial(mk.moh_attention_reference, block_q=block_sizes.block_q, **kw)
+  if not grads:
+    with plgpu.force_gpu_interpret_mode(GPU_INTERPRET):
+      y = jax.jit(ker)(q, k, v, gates)
+    _check_close("y", y, ref(q, k, v, gates), ATOL)
+    return y
+  with plgpu.force_gpu_interpret_mode(GPU_INTERPRET):
+    y, got = _value_and_vjp(ker, q, k, v, gates, dy)
+  ry, want = _value_and_vjp(ref, q, k, v, gates, dy)
+  assert y.dtype == q.dtype and y.shape == q.shape
+  _check_close("y", y, ry, ATOL)
+  for name, g, r in zip(("dq", "dk", "dv", "dgates"), got, want):
+    assert g.shape == r.shape and g.dtype == r.dtype, name
+    _check_close(name, g, r, GTOL)
+  return y
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [
+    dict(t=200, h=4, hkv=2, bq=64, bk=64, density=0.5),                 # GQA, ragged length
+    dict(t=150, h=4, hkv=4, bq=128, bk=64, density=0.6, seg=True, cap=5.0),
+    dict(t=128, h=4, hkv=1, bq=64, bk=128, density=1.0),                # MQA, all active
+])
+def test_forward_matches_reference(case):
+  c = dict(seg=False, cap=None) | case
+  q, k, v, gates, active, dy = _inputs(1, 1, c["t"], c["h"], c["hkv"], 64, c["bq"],
+                                       c["density"])
+  seg = _segments(2, 1, c["t"]) if c["seg"] else None
+  _compare(q, k, v, gates, active, dy, block_sizes=BlockSizes(c["bq"], c["bk"]),
+           segment_ids=seg, cap=c["cap"], grads=False)
+
+
+def test_forward_skips_inactive_pairs():
+  """With all gates 1 the output is plain attention on active pairs and exactly 0 elsewhere,
+  so zeros can only come from the kernel's skip (not from the gating)."""
+  q, k, v, _, active, _ = _inputs(3, 2, 130, 4, 2, 64, 64, 0.5)
+  ones = jnp.ones(q.shape[:3], jnp.float32)
+  active = active.at[0].set(False)        # batch 0: every pair inactive
+  bs = BlockSizes(64, 64)
+  y = _compare(q, k, v, ones, active, None, block_sizes=bs, grads=False)
+  tok = np.repeat(np.asarray(active), 64, axis=1)[:, :130]
+  y = np.asarray(y, np.float32)
+  assert np.abs(y[~tok]).max() == 0.0
+  assert np.abs(y[tok]).min(axis=-1).max() > 0.0
+
+
+def test_forward_lse():
+  """The saved log-sum-exp is the reference's on active pairs and +inf on inactive ones."""
+  q, k, v, _, active, _ = _inputs(4, 1, 128, 4, 4, 64, 64, 0.5)
+  bs = BlockSizes(64, 64)
+  st = mk_gpu._Static(cap=None, scale=0.125, block_q=64, block_k=64, num_stages=2, groups=1,
+                      tp=128, has_seg=False, interpreting=True)
+  act = jnp.swapaxes(active.astype(jnp.int32), 1, 2)
+  with plgpu.force_gpu_interpret_mode(GPU_INTERPRET):
+    _, lse = mk_gpu._fwd_call(q, k, v, None, act, st, None)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * 0.125
+  s = jnp.where(jnp.tril(jnp.ones((128, 128), bool)), s, -jnp.inf)
+  want = jax.nn.logsumexp(s, axis=-1)
+  tok = np.repeat(np.asarray(act), bs.block_q, axis=2)
+  lse = np.asarray(lse)
+  assert np.isinf(lse[tok == 0]).all()
+  np.testing.assert_allclose(lse[tok != 0], np.asarray(want)[tok != 0], atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+
+
+def test_entry_point_dispatch_and_fallback():
+  q, k, v, gates, active, _ = _inputs(5, 1, 70, 2, 1, 64, 64, 0.7)
+  assert mk.resolve("pallas", "gpu") == ("gpu", True)
+  assert mk.resolve("auto") == ("xla", False)              # this suite runs on CPU
+  assert mk.fallback_reason("pallas", "gpu", q=q, k=k, block_sizes=BlockSizes(64, 64)) is None
+  want = mk.moh_attention_reference(q, k, v, gates, active=active, block_q=64)
+  with plgpu.force_gpu_interpret_mode(GPU_INTERPRET):
+    got = mk.moh_attention(q, k, v, gates, active=active, block_sizes=BlockSizes(64, 64),
+                           impl="pallas", backend="gpu")
+  _check_close("pallas-gpu", got, want, ATOL)
+  # f32 and odd head_dim / tiles are not Mosaic GPU inputs: XLA with a warning and a reason.
+  q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+  assert "dtype" in mk.fallback_reason("pallas", "gpu", q=q32, k=k32)
+  with pytest.warns(UserWarning, match="does not apply"):
+    got = mk.moh_attention(q32, k32, v32, gates, impl="pallas", backend="gpu")
+  _check_close("f32-fallback", got, mk.moh_attention_reference(q32, k32, v32, gates), 1e-6)
+  assert "head_dim" in mk.fallback_reason("pallas", "gpu", q=q[..., :48], k=k[..., :48])
+  assert "block_q" in mk.fallback_reason("pallas", "gpu", q=q, block_sizes=BlockSizes(32, 64))
+  with pytest.raises(ValueError, match="num_stages"):
+    BlockSizes(num_stages=1)
+  assert BlockSizes.for_device("NVIDIA H200", 256).block_k == 64
+  assert mk_gpu.backward_supported(jnp.zeros((1, 8, 1, 256), jnp.bfloat16)) is not None
