@@ -1,0 +1,456 @@
+"""Chunked causal linear attention for Hopper GPUs (Pallas Mosaic GPU, ``plgpu``), fwd + bwd.
+
+Layout: q/k/v stay ``[batch, T_p, heads, d]`` (T padded to a multiple of the chunk C = 64, d_k
+and d_v to multiples of 64 with zeros, which change nothing). One CTA (one warpgroup) owns one
+(batch, head, 64-wide d_v tile) and walks the chunks sequentially; the state tile
+``S: [d_k, 64]`` stays in registers (float32, WGMMA layout) across chunks. Every matmul is a
+WGMMA with bf16/f16 operands and float32 accumulation; the inputs of chunk n+1 are fetched by
+TMA into the other half of a two-slot shared-memory ring while chunk n computes.
+
+Per chunk (XLA prepares per-token float32 vectors, see ``_prepare``; ``b`` = in-chunk
+cumulative log-decay in base 2, ``rq = e^{b}·m``, ``rk = e^{b_C - b}·l``, ``a = e^{b_C}·keep``
+with m/l/keep the segment masks of ``tpu.py``):
+
+* forward: ``A = (Q Kᵀ) ⊙ 2^{b_i - b_j} [j <= i, same doc]``, ``y = A V + rq ⊙ (Q S)``,
+  ``S <- a·S + Kᵀ (rk ⊙ V)``. The state before each chunk is the matmul operand of ``Q S``
+  (bf16 in shared memory); the backward's residual is exactly that tile, written out by TMA
+  (``[B, H, N, d_k, d_v]``), so ``y`` and its gradient see the same rounded state.
+* backward (chunks in reverse, ``dS`` carried in registers, starting at the final-state
+  cotangent): ``dA = (dY Vᵀ) ⊙ D``, ``dV = Aᵀ dY + rk ⊙ (K dS)``, ``dK = dAᵀ Q + rk ⊙ (V dSᵀ)``,
+  ``dQ = dA K + rq ⊙ (dY S_prevᵀ)``, ``dS <- a·dS + Qᵀ (rq ⊙ dY)``; A and dA go through shared
+  memory so that their transposes are WGMMA operands. dQ and dK are per-d_v-tile partial sums
+  (float32 ``[n_v, B, T_p, H, d_k]``) that XLA adds. The decay gradient needs no kernel (as in
+  ``tpu.py``): ``dL/dG_t = q_t·dq_t - k_t·dk_t`` (+ the final state's ``Σ S ⊙ dS`` at the last
+  token), reverse-cumsummed by XLA.
+
+Supported (``supported`` names the reason otherwise; the entry point then runs XLA): bf16/f16
+q/k/v of one dtype, decay kinds "none" and "retnet", segment ids, an initial state,
+``d_k <= 128`` and ``d_v`` any size after padding to 64, chunk_size 64. Not supported: GLA
+gates (per-channel decays need the sub-chunk factorisation, not ported), float32 inputs
+(WGMMA's float32 form is tf32 and has no transposed operands).
+
+Interpret mode (``plgpu.InterpretGPUParams``, CPU) cannot feed WGMMA from registers nor run
+``pl.run_state``: there register operands go through shared memory and accumulations are a
+fresh accumulator plus an add (as in ``flash_attention/gpu.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from effx.pallas_kernels.linear_attention import reference as ref_lib
+from effx.pallas_kernels.linear_attention.config import BlockSizes
+
+CHUNK = 64          # tokens per chunk = WGMMA M of one warpgroup
+TILE = 64           # d_v tile per CTA and the padding unit of d_k / d_v (128-byte bf16 rows)
+MAX_DK = 128        # the [d_k, 64] float32 state tile lives in registers
+LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Trace-time constants of one kernel call."""
+  has_b: bool         # retnet: in-chunk decay mask from the per-token cumulative log-decay
+  has_scale: bool     # rq / rk / a present (retnet or segments)
+  has_seg: bool       # document mask inside the chunk
+  has_s0: bool
+  num_chunks: int
+  interpreting: bool
+
+
+def supported(q, k, v, log_decay=None, block_sizes: BlockSizes | None = None) -> str | None:
+  """None if the Mosaic GPU kernels handle this call, else the reason they do not."""
+  kind = ref_lib.decay_kind(q, log_decay)
+  if kind == "gla":
+    return "GLA per-channel gates (the GPU kernel has no sub-chunk path; XLA chunked form)"
+  dt = jnp.dtype(q.dtype)
+  if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {q.dtype} (the Mosaic GPU kernel takes bf16/f16)"
+  if k.dtype != dt or v.dtype != dt:
+    return f"mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}"
+  if _pad64(q.shape[-1]) > MAX_DK:
+    return f"d_k {q.shape[-1]} (GPU kernel: <= {MAX_DK})"
+  if block_sizes is not None and block_sizes.chunk_size != CHUNK:
+    return f"chunk_size {block_sizes.chunk_size} (GPU kernel: {CHUNK})"
+  return None
+
+
+def _pad64(d: int) -> int:
+  return -(-d // TILE) * TILE
+
+
+def _bf16_tiles():
+  return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _f32_tiles():
+  return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+
+
+# ------------------------------------------------------------------------------------------------
+# In-kernel helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _mm(a, b, shape, st: _Static, acc=None):
+  """``acc + a @ b`` (float32, WGMMA layout); a, b: shared-memory refs (a may be a value)."""
+  if acc is None or st.interpreting:
+    def body(ref):
+      plgpu.wgmma(ref, a, b)
+      return ref[...]
+
+    out = pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+    return out if acc is None else acc + out
+
+  def body_inplace(ref):
+    plgpu.wgmma(ref, a, b)
+
+  return pl.run_state(body_inplace)(plgpu.ACC.init(acc))
+
+
+def _row(x, shape):
+  """Per-row vector (``Layout.WGMMA.reduce(1)``) broadcast over columns."""
+  return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _col(x, shape):
+  """Per-column vector (``Layout.WGMMA.reduce(0)``) broadcast over rows."""
+  return lax.broadcast_in_dim(x, shape, [1])
+
+
+def _decay_mask(vec_s, doc_s, slot, st: _Static):
+  """``(ok, D)`` for the ``[C, C]`` scores: ok = ``j <= i`` and same document (bool);
+  ``D_ij = 2^{b_i - b_j}`` where ok, else 0 (float32; None without decay)."""
+  shape = (CHUNK, CHUNK)
+  rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+  cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+  ok = cols <= rows
+  if st.has_seg:
+    d_r = plgpu.load(doc_s.at[slot], layout=plgpu.Layout.WGMMA.reduce(1))
+    d_c = plgpu.load(doc_s.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+    ok = jnp.logical_and(ok, _row(d_r, shape) == _col(d_c, shape))
+  if not st.has_b:
+    return ok, None
+  b_r = plgpu.load(vec_s.at[0, slot], layout=plgpu.Layout.WGMMA.reduce(1))
+  b_c = plgpu.load(vec_s.at[0, slot], layout=plgpu.Layout.WGMMA.reduce(0))
+  diff = jnp.where(ok, _row(b_r, shape) - _col(b_c, shape), 0.0)
+  return ok, jnp.where(ok, jnp.exp2(diff), 0.0)
+
+
+def _apply_mask(x, mask):
+  """x ⊙ D (decay) or x where ok (no decay): the masked ``[C, C]`` scores, float32."""
+  ok, d = mask
+  return jnp.where(ok, x, 0.0) if d is None else x * d
+
+
+def _row_vec(vec_s, idx: int, slot):
+  return plgpu.load(vec_s.at[idx, slot], layout=plgpu.Layout.WGMMA.reduce(1))
+
+
+def _lhs(value, scratch, st: _Static):
+  """A bf16 ``[64, 64]`` register value as a WGMMA lhs: itself on hardware, via smem when
+  interpreting (interpret mode's WGMMA takes shared-memory operands only)."""
+  if not st.interpreting:
+    return value
+  scratch[...] = value
+  plgpu.commit_smem()
+  return scratch
+
+
+def _n_vecs(st: _Static) -> int:
+  """Per-token float32 vectors: [b (retnet)], rq, rk."""
+  return int(st.has_b) + 2 * int(st.has_scale)
+
+
+def _blk(ref, r: int, nb: int, axis: int):
+  """The r-th 64-wide block of a tiled shared-memory ref along ``axis`` (itself if nb == 1)."""
+  if nb == 1:
+    return ref
+  idx = [slice(None), slice(None)]
+  idx[axis] = pl.ds(r * TILE, TILE)
+  return ref.at[tuple(idx)]
+
+
+def _t(ref):
+  return ref.transpose((1, 0))
+
+
+def _zeros(shape):
+  return plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _load_state(src_ref, buf, bar, nb: int):
+  """float32 ``[d_k, 64]`` GMEM tile -> nb register blocks ``[64, 64]`` (via one smem tile)."""
+  blocks = []
+  for r in range(nb):
+    plgpu.copy_gmem_to_smem(src_ref.at[pl.ds(r * TILE, TILE)], buf, bar.at[0])
+    plgpu.barrier_wait(bar.at[0])
+    blocks.append(buf[...])
+    plgpu.commit_smem()      # reads done before the next TMA overwrites buf
+  return tuple(blocks)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------
+
+
+def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: bool, interpret):
+  """Kernel layout in, ``(y [B, T_p, H, d_v], S_final f32 [B, H, d_k, d_v], states | None)``.
+
+  q, k: ``[B, T_p, H, d_k]``; v: ``[B, T_p, H, d_v]`` (padded); vecs: float32
+  ``[n_vec, B, H, T_p]`` or None; doc: int32 ``[B, T_p]`` or None; chunk_decay: float32
+  ``[B, H, N]`` or None; s0: float32 ``[B, H, d_k, d_v]`` or None. states: the bf16/f16
+  state before every chunk, ``[B, H, N, d_k, d_v]``.
+  """
+  bsz, tp, h, dk = q.shape
+  dvp = v.shape[-1]
+  nv, nc, nb = dvp // TILE, st.num_chunks, dk // TILE
+  dtype = q.dtype
+  nvec = _n_vecs(st)
+  tiles = _bf16_tiles()
+
+  def kernel(q_ref, k_ref, v_ref, vec_ref, doc_ref, a_ref, s0_ref, y_ref, sf_ref, states_ref,
+             smem, bars):
+    (q_s, k_s, v_s, vec_s, doc_s, st_s, vs_s, y_s, p_s, f32_s) = smem
+    (q_bar, k_bar, v_bar, vec_bar, doc_bar, s0_bar) = bars
+    bi, hi, vt = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("vt")
+    cols = pl.ds(vt * TILE, TILE)
+
+    def fetch(n, slot):
+      rows = pl.ds(n * CHUNK, CHUNK)
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_s.at[slot], q_bar.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_s.at[slot], k_bar.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi, cols], v_s.at[slot], v_bar.at[slot])
+      for i in range(nvec):
+        plgpu.copy_gmem_to_smem(vec_ref.at[i, bi, hi, rows], vec_s.at[i, slot],
+                                vec_bar.at[i * 2 + slot])
+      if st.has_seg:
+        plgpu.copy_gmem_to_smem(doc_ref.at[bi, rows], doc_s.at[slot], doc_bar.at[slot])
+
+    def wait(slot):
+      for bar in (q_bar, k_bar, v_bar):
+        plgpu.barrier_wait(bar.at[slot])
+      for i in range(nvec):
+        plgpu.barrier_wait(vec_bar.at[i * 2 + slot])
+      if st.has_seg:
+        plgpu.barrier_wait(doc_bar.at[slot])
+
+    fetch(0, 0)
+    if st.has_s0:
+      s_init = _load_state(s0_ref.at[bi, hi, :, cols], f32_s, s0_bar, nb)
+    else:
+      s_init = tuple(_zeros((TILE, TILE)) for _ in range(nb))
+    for r in range(nb):
+      _blk(st_s, r, nb, 0)[...] = s_init[r].astype(dtype)
+    plgpu.commit_smem()
+
+    def step(n, s):
+      slot = lax.rem(n, 2)
+
+      @pl.when(n + 1 < nc)
+      def _prefetch():
+        fetch(n + 1, 1 - slot)
+
+      wait(slot)
+      q_n, k_n, v_n = q_s.at[slot], k_s.at[slot], v_s.at[slot]
+      if save_states:
+        plgpu.copy_smem_to_gmem(st_s, states_ref.at[bi, hi, n, :, cols])
+      qk = _mm(q_n, _t(k_n), (CHUNK, CHUNK), st)
+      p = _apply_mask(qk, _decay_mask(vec_s, doc_s, slot, st)).astype(dtype)
+      y = _mm(_lhs(p, p_s, st), v_n, (CHUNK, TILE), st)
+      qs = None
+      for r in range(nb):
+        qs = _mm(_blk(q_n, r, nb, 1), _blk(st_s, r, nb, 0), (CHUNK, TILE), st, acc=qs)
+      if st.has_scale:
+        qs = qs * _row(_row_vec(vec_s, nvec - 2, slot), qs.shape)
+        vv = v_n[...].astype(jnp.float32)
+        vs_s[...] = (vv * _row(_row_vec(vec_s, nvec - 1, slot), vv.shape)).astype(dtype)
+      y_s[...] = (y + qs).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(y_s, y_ref.at[bi, pl.ds(n * CHUNK, CHUNK), hi, cols])
+      decay = a_ref[bi, hi, n] if st.has_scale else None
+      new = []
+      for r in range(nb):
+        s_r = s[r] if decay is None else s[r] * decay
+        new.append(_mm(_t(_blk(k_n, r, nb, 1)), vs_s if st.has_scale else v_n, (TILE, TILE),
+                       st, acc=s_r))
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # y_s and st_s are free again
+      for r in range(nb):
+        _blk(st_s, r, nb, 0)[...] = new[r].astype(dtype)
+      plgpu.commit_smem()
+      return tuple(new)
+
+    s = lax.fori_loop(0, nc, step, s_init)
+    for r in range(nb):
+      f32_s[...] = s[r]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(f32_s, sf_ref.at[bi, hi, pl.ds(r * TILE, TILE), cols])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    plgpu.wait_smem_to_gmem(0)
+
+  def entry(*refs):
+    it = iter(refs)
+    q_ref, k_ref, v_ref = next(it), next(it), next(it)
+    vec_ref = next(it) if nvec else None
+    doc_ref = next(it) if st.has_seg else None
+    a_ref = next(it) if st.has_scale else None
+    s0_ref = next(it) if st.has_s0 else None
+    y_ref, sf_ref = next(it), next(it)
+    states_ref = next(it) if save_states else None
+    smem = (plgpu.SMEM((2, CHUNK, dk), dtype, transforms=tiles),
+            plgpu.SMEM((2, CHUNK, dk), dtype, transforms=tiles),
+            plgpu.SMEM((2, CHUNK, TILE), dtype, transforms=tiles),
+            plgpu.SMEM((nvec, 2, CHUNK), jnp.float32) if nvec else None,
+            plgpu.SMEM((2, CHUNK), jnp.int32) if st.has_seg else None,
+            plgpu.SMEM((dk, TILE), dtype, transforms=tiles),
+            plgpu.SMEM((CHUNK, TILE), dtype, transforms=tiles) if st.has_scale else None,
+            plgpu.SMEM((CHUNK, TILE), dtype, transforms=tiles),
+            plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles) if st.interpreting else None,
+            plgpu.SMEM((TILE, TILE), jnp.float32, transforms=_f32_tiles()))
+    bars = (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_barriers=2 * nvec) if nvec else None,
+            plgpu.Barrier(num_barriers=2) if st.has_seg else None,
+            plgpu.Barrier(num_barriers=1) if st.has_s0 else None)
+    pl.run_scoped(lambda sm, br: kernel(q_ref, k_ref, v_ref, vec_ref, doc_ref, a_ref, s0_ref,
+                                        y_ref, sf_ref, states_ref, sm, br), smem, bars)
+
+  args = [q, k, v]
+  args += [vecs] if nvec else []
+  args += [doc] if st.has_seg else []
+  args += [chunk_decay] if st.has_scale else []
+  args += [s0] if st.has_s0 else []
+  out_type = [jax.ShapeDtypeStruct((bsz, tp, h, dvp), dtype),
+              jax.ShapeDtypeStruct((bsz, h, dk, dvp), jnp.float32)]
+  if save_states:
+    out_type.append(jax.ShapeDtypeStruct((bsz, h, nc, dk, dvp), dtype))
+  outs = plgpu.kernel(
+      entry, out_type=tuple(out_type), grid=(nv, h, bsz), grid_names=("vt", "heads", "batch"),
+      compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)(*args)
+  return outs[0], outs[1], (outs[2] if save_states else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry
+# ------------------------------------------------------------------------------------------------
+
+
+def _pad(x, axis: int, size: int):
+  extra = size - x.shape[axis]
+  if not extra:
+    return x
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, extra)
+  return jnp.pad(x, pads)
+
+
+def _prepare(g, segment_ids, bsz: int, t: int, h: int, st: _Static):
+  """Per-token and per-chunk decay/segment inputs of the kernels.
+
+  g: float32 ``[B, T, H]`` per-token log-decays or None. Returns ``(vecs [n_vec, B, H, T_p]
+  float32 or None, doc int32 [B, T_p] or None, chunk_decay float32 [B, H, N] or None)``:
+  vecs = [in-chunk cumulative log-decay in base 2 (retnet)], rq, rk (see module docstring).
+  """
+  nc = st.num_chunks
+  tp = nc * CHUNK
+  if not st.has_scale:
+    return None, None, None
+  doc = _pad(ref_lib.doc_ids(segment_ids, bsz, t), 1, tp)
+  if tp > t:
+    doc = doc.at[:, t:].set(doc[:, t - 1:t])        # padding continues the last document
+  dc = doc.reshape(bsz, nc, CHUNK)
+  prev = jnp.concatenate([jnp.zeros((bsz, 1), jnp.int32), dc[:, :-1, -1]], axis=1)
+  m = (dc == prev[..., None]).astype(jnp.float32)[:, None]     # sees the carried state
+  l = (dc == dc[..., -1:]).astype(jnp.float32)[:, None]        # reaches the chunk's end state
+  keep = (prev == dc[..., -1]).astype(jnp.float32)[:, None]    # carried state survives
+  if g is None:
+    bc = jnp.zeros((bsz, 1, nc, CHUNK), jnp.float32)
+  else:
+    bc = jnp.cumsum(jnp.swapaxes(_pad(g, 1, tp), 1, 2).reshape(bsz, h, nc, CHUNK), axis=-1)
+  rq = jnp.exp(bc) * m
+  rk = jnp.exp(bc[..., -1:] - bc) * l
+  a = jnp.exp(bc[..., -1]) * keep
+  vecs = [rq, rk] if g is None else [bc * LOG2E, rq, rk]
+  vecs = jnp.stack([jnp.broadcast_to(x, (bsz, h, nc, CHUNK)).reshape(bsz, h, tp)
+                    for x in vecs])
+  return vecs, (doc if st.has_seg else None), jnp.broadcast_to(a, (bsz, h, nc))
+
+
+def linear_attention_gpu(q, k, v, *, log_decay=None, segment_ids=None, initial_state=None,
+                         block_sizes: BlockSizes | None = None, interpret=None):
+  """Chunked causal linear attention with the Mosaic GPU kernels (semantics: ``reference.py``).
+
+  Args:
+    q, k: ``[batch, T, heads, d_k]`` features; v: ``[batch, T, heads, d_v]`` (bf16 or f16).
+    log_decay: None ("none"), ``[heads]`` or ``[batch, T, heads]`` ("retnet"); entries <= 0.
+    segment_ids: int ``[batch, T]`` or None (the state resets where the id changes).
+    initial_state: ``[batch, heads, d_k, d_v]`` or None (zeros).
+    block_sizes: chunk_size must be 64 (default ``BlockSizes()``).
+    interpret: None on a GPU; ``plgpu.InterpretGPUParams(...)`` to run on CPU.
+
+  Returns:
+    ``(y [batch, T, heads, d_v] in v's dtype, final state [batch, heads, d_k, d_v] float32)``,
+    differentiable in q, k, v, log_decay and initial_state. Raises ValueError where
+    ``supported`` gives a reason.
+  """
+  ref_lib.check_inputs(q, k, v, log_decay, segment_ids, initial_state)
+  reason = supported(q, k, v, log_decay, block_sizes)
+  if reason is not None:
+    raise ValueError(f"Mosaic GPU linear attention does not support {reason}")
+  bsz, t, h, dk = q.shape
+  dv = v.shape[-1]
+  nc = -(-t // CHUNK)
+  tp = nc * CHUNK
+  dkp, dvp = _pad64(dk), _pad64(dv)
+  g = ref_lib.per_token_log_decay(log_decay, bsz, t)
+  st = _Static(has_b=g is not None, has_scale=g is not None or segment_ids is not None,
+               has_seg=segment_ids is not None, has_s0=initial_state is not None,
+               num_chunks=nc, interpreting=bool(interpret) or jax.default_backend() != "gpu")
+
+  def pad_in(x, d):
+    return _pad(_pad(x, 1, tp), 3, d)
+
+  def fwd(q, k, v, g, s0, save_states):
+    vecs, doc, a = _prepare(None if g is None else g.astype(jnp.float32), segment_ids, bsz, t,
+                            h, st)
+    s0p = None if s0 is None else _pad(_pad(s0.astype(jnp.float32), 2, dkp), 3, dvp)
+    y, sf, states = _fwd_call(pad_in(q, dkp), pad_in(k, dkp), pad_in(v, dvp), vecs, doc, a,
+                              s0p, st, save_states, interpret)
+    return y[:, :t, :, :dv], sf[:, :, :dk, :dv], (vecs, doc, a, states, sf)
+
+  @jax.custom_vjp
+  def core(q, k, v, g, s0):
+    y, sf, _ = fwd(q, k, v, g, s0, False)
+    return y, sf
+
+  def core_fwd(q, k, v, g, s0):
+    y, sf, res = fwd(q, k, v, g, s0, True)
+    return (y, sf), (q, k, v, g, s0, res)
+
+  def core_bwd(res, cts):
+    q, k, v, g, s0, (vecs, doc, a, states, sf) = res
+    dy, dsf = cts
+    dq, dk_, dv_, ds0 = _bwd_call(
+        pad_in(q, dkp), pad_in(k, dkp), pad_in(v, dvp), pad_in(dy.astype(v.dtype), dvp), vecs,
+        doc, a, states, _pad(_pad(dsf.astype(jnp.float32), 2, dkp), 3, dvp), st, interpret)
+    dq, dk_ = dq[:, :t, :, :dk], dk_[:, :t, :, :dk]
+    dg = None
+    if g is not None:
+      dgc = (jnp.sum(q.astype(jnp.float32) * dq, -1)
+             - jnp.sum(k.astype(jnp.float32) * dk_, -1))                   # dL/dG [B, T, H]
+      final = jnp.sum(sf[:, :, :dk, :dv] * dsf.astype(jnp.float32), axis=(-2, -1))
+      dgc = dgc.at[:, -1].add(final)
+      dg = jnp.flip(jnp.cumsum(jnp.flip(dgc, 1), axis=1), 1).astype(g.dtype)
+    return (dq.astype(q.dtype), dk_.astype(k.dtype), dv_[:, :t, :, :dv].astype(v.dtype), dg,
+            None if s0 is None else ds0[:, :, :dk, :dv].astype(s0.dtype))
+
+  core.defvjp(core_fwd, core_bwd)
+  return core(q, k, v, g, initial_state)
