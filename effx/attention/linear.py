@@ -663,6 +663,11 @@ class LinearAttention(nn.Module):
         stay XLA. Not with ``decay="delta"``.
       - ``output_norm`` (per-head RMSNorm with a learned ``[d_v]`` scale before the output
         projection): any combination, alone or with the denominator.
+      - ``stream_block`` (a multiple of ``chunk_size``, or None): without a cache and with
+        ``form="chunked"``, sequences longer than this run block by block (``nn.scan`` carrying
+        the state; projections, features, core and output per block), so time stays linear in
+        T on a CPU once whole-sequence tensors outgrow the caches, and activation memory is per
+        block. None: one pass over the whole sequence. Same parameters and results either way.
 
     Parameters (logical axes): ``q, k: [embed, heads, qk_dim]`` ("embed", "heads", "head_dim"),
     ``v: [embed, heads, head_dim]``, ``o: [heads, head_dim, embed]``; gla: ``gate_down:
@@ -685,6 +690,7 @@ class LinearAttention(nn.Module):
     output_norm: bool = True
     form: str = "chunked"
     chunk_size: int = 64
+    stream_block: int | None = 1024
     impl: str = "xla"  # "pallas": the chunked form through the Pallas kernel
     gate_rank: int = 16
     gate_logit_normalizer: float = 16.0
@@ -698,6 +704,11 @@ class LinearAttention(nn.Module):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"{name}={value!r}: must be a positive int")
+        if self.stream_block is not None and (
+                not isinstance(self.stream_block, (int, np.integer)) or self.stream_block <= 0
+                or self.stream_block % self.chunk_size):
+            raise ValueError(f"stream_block={self.stream_block!r}: must be None or a positive "
+                             f"multiple of chunk_size={self.chunk_size}")
         if self.qk_dim is not None and self.qk_dim <= 0:
             raise ValueError(f"qk_dim={self.qk_dim!r}: must be a positive int or None")
         if self.feature_map not in FEATURE_MAP_KINDS:
@@ -817,10 +828,11 @@ class LinearAttention(nn.Module):
         _check_layer_inputs("LinearAttention", x, positions)
         del positions
         b, t, embed = x.shape
+        if (cache is None and self.form == "chunked" and self.stream_block is not None
+                and t > self.stream_block):
+            return self._streamed(x, segment_ids), None
         qf, kf, v, log_decay, beta = self._features(x)
-        v_in = v
-        if self.use_denominator:
-            v_in = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+        v_in = self._with_ones(v)
         kwargs = dict(log_decay=log_decay, beta=beta, segment_ids=segment_ids)
         new_cache = None
         if cache is None:
@@ -858,6 +870,16 @@ class LinearAttention(nn.Module):
                 new_k=_pad_to(kf, m).astype(cdt), new_v=_pad_to(v, m).astype(cdt),
                 new_log_decay=None if log_decay is None else _pad_to(log_decay, m).astype(cdt),
                 new_beta=None if beta is None else _pad_to(beta, m).astype(cdt))
+        return self._output(y, embed), new_cache
+
+    def _with_ones(self, v: Array) -> Array:
+        """``v [B, T, H, d_v]``, with a ones column appended when the denominator is used."""
+        if not self.use_denominator:
+            return v
+        return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+
+    def _output(self, y: Array, embed: int) -> Array:
+        """Core output ``[B, T, H, d_v (+1)]`` -> ``[B, T, embed]``: denominator, norm, ``o``."""
         if self.use_denominator:
             y = y[..., :-1] / (y[..., -1:] + self.eps)
         if self.output_norm:
@@ -865,9 +887,45 @@ class LinearAttention(nn.Module):
                 nn.initializers.ones, ("head_dim",)), (self.head_dim,), self.param_dtype)
             y = _rms_norm(y, scale, self.eps)
         y = y.astype(self.dtype)
-        out = _dense((embed,), (-2, -1), ("heads", "head_dim", "embed"), self.dtype,
-                     self.param_dtype, "o")(y)
-        return out, new_cache
+        return _dense((embed,), (-2, -1), ("heads", "head_dim", "embed"), self.dtype,
+                      self.param_dtype, "o")(y)
+
+    def _streamed(self, x: Array, segment_ids: Array | None) -> Array:
+        """The chunked form over blocks of ``stream_block`` tokens, one block at a time.
+
+        A ``nn.scan`` over blocks carries the float32 state ``[B, H, d_φ, d_v (+1)]`` and runs
+        the whole layer (projections, features, chunked core, output) per block, so the working
+        set is that of one block however long the sequence: time stays linear in T once the
+        full-sequence tensors would outgrow the CPU caches (and peak memory is per block). Same
+        parameters and (up to float rounding) the same result as the unstreamed chunked form.
+        ``x: [B, T, embed]``, ``segment_ids`` int ``[B, T]`` or None -> ``[B, T, embed]``.
+        """
+        b, t, embed = x.shape
+        size = self.stream_block
+        n = -(-t // size)
+        seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+        pad = n * size - t  # trailing padding: causal, so it never reaches a real token
+        x = jnp.pad(x, [(0, 0), (0, pad), (0, 0)])
+        seg = jnp.pad(seg, [(0, 0), (0, pad)], mode="edge")
+        blocks = lambda a: jnp.moveaxis(a.reshape((b, n, size) + a.shape[2:]), 1, 0)
+        dv = self.head_dim + int(self.use_denominator)
+        s0 = jnp.zeros((b, self.num_heads, self.feature_dim, dv), jnp.float32)
+
+        def step(mdl: "LinearAttention", carry: tuple[Array, Array], inputs: tuple[Array, Array]
+                 ) -> tuple[tuple[Array, Array], Array]:
+            state, last_seg = carry
+            xb, segb = inputs
+            qf, kf, v, log_decay, beta = mdl._features(xb)
+            same_doc = (segb[:, 0] == last_seg)[:, None, None, None]
+            y, state = mdl._chunked(qf, kf, mdl._with_ones(v), chunk_size=mdl.chunk_size,
+                                    log_decay=log_decay, beta=beta, segment_ids=segb,
+                                    initial_state=jnp.where(same_doc, state, 0.0))
+            return (state, segb[:, -1]), mdl._output(y, embed)
+
+        scan = nn.scan(step, variable_broadcast=("params", "constants"),
+                       split_rngs={"params": False})
+        _, ys = scan(self, (s0, seg[:, 0]), (blocks(x), blocks(seg)))
+        return jnp.moveaxis(ys, 0, 1).reshape(b, n * size, embed)[:, :t]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1091,7 +1149,7 @@ def _based_linear_kwargs(m: "BasedAttention") -> dict[str, Any]:
     return dict(num_heads=m.num_heads, head_dim=m.head_dim, qk_dim=m.feature_dim,
                 feature_map="taylor", decay="none", use_denominator=m.use_denominator,
                 output_norm=m.output_norm, form=m.form, chunk_size=m.chunk_size,
-                max_new_tokens=m.max_new_tokens, dtype=m.dtype, param_dtype=m.param_dtype)
+                stream_block=m.stream_block, max_new_tokens=m.max_new_tokens, dtype=m.dtype, param_dtype=m.param_dtype)
 
 
 def _based_window_kwargs(m: "BasedAttention") -> dict[str, Any]:
@@ -1107,7 +1165,8 @@ class BasedAttention(nn.Module):
     map (d_φ = 1 + f + f²) and the φ(q)ᵀz denominator (``use_denominator``), no decay; the
     window part is causal softmax attention with rotary positions over the last ``window``
     tokens. The two outputs (each with its own projections) are summed. Interface, shapes and
-    call patterns as ``LinearAttention``; cache ``BasedCache``.
+    call patterns as ``LinearAttention``; cache ``BasedCache``. ``stream_block`` applies to the
+    linear part (see ``LinearAttention``).
     """
 
     num_heads: int
@@ -1118,6 +1177,7 @@ class BasedAttention(nn.Module):
     output_norm: bool = False
     form: str = "chunked"
     chunk_size: int = 64
+    stream_block: int | None = 1024
     max_new_tokens: int = 64
     rope_base: float = 10_000.0
     dtype: Dtype = jnp.float32

@@ -317,6 +317,35 @@ DECODE_CONFIGS = [("elu", "none"), ("taylor", "retnet"), ("performer", "gla"),
                   ("identity", "delta")]
 
 
+@pytest.mark.parametrize("feature_map,decay", DECODE_CONFIGS)
+def test_module_streamed_equals_one_pass(feature_map, decay):
+    """Block-by-block streaming (``stream_block``) == one pass over the sequence, values and
+    parameter gradients: T=23 (not a block multiple), blocks of 8, a document that starts
+    exactly at a block boundary (16) and one that spans a boundary (5..15)."""
+    one_pass = _module(feature_map, decay, stream_block=None)
+    streamed = _module(feature_map, decay, stream_block=8)
+    t = 23
+    x, pos = _x(t=t)
+    seg = jnp.asarray([[1] * 5 + [2] * 11 + [3] * 7, [4] * t], jnp.int32)
+    variables = one_pass.init(jax.random.PRNGKey(0), x, pos)
+    streamed_init = streamed.init(jax.random.PRNGKey(0), x, pos)
+    assert jax.tree.structure(streamed_init) == jax.tree.structure(variables)
+
+    def value_and_grad(module, segment_ids):
+        f = lambda p: jnp.sum(jnp.sin(module.apply({**variables, "params": p}, x, pos,
+                                                   segment_ids=segment_ids)[0]))
+        return jax.jit(jax.value_and_grad(f))(variables["params"])
+
+    for segment_ids in (None, seg):
+        v_one, g_one = value_and_grad(one_pass, segment_ids)
+        v_str, g_str = value_and_grad(streamed, segment_ids)
+        _close(v_str, v_one)
+        _tree_close(g_str, g_one)
+    y_one = one_pass.apply(variables, x, pos, segment_ids=seg)[0]
+    y_str = streamed.apply(variables, x, pos, segment_ids=seg)[0]
+    _close(y_str, y_one, what="streamed outputs")
+
+
 def _decode_tokens(module, variables, cache, x, pos):
     apply = _apply(module)
     ys = []
@@ -522,6 +551,8 @@ def test_params_have_logical_axis_names():
     (dict(feature_map="identity", use_denominator=True), "use_denominator=True"),
     (dict(num_random_features=0), "num_random_features=0"),
     (dict(gate_logit_normalizer=0.0), "gate_logit_normalizer=0.0"),
+    (dict(chunk_size=64, stream_block=100), "stream_block=100"),
+    (dict(stream_block=0), "stream_block=0"),
 ])
 def test_module_config_errors(kwargs, match):
     base = dict(num_heads=2, head_dim=4)
