@@ -51,8 +51,8 @@ def supported(lhs, rhs, *, block_sizes: BlockSizes) -> str | None:
     return f"K={k}, N={n} (the Mosaic GPU kernel needs multiples of 64)"
   if block_sizes.block_m % 64:
     return f"block_m {block_sizes.block_m} (GPU kernel: a multiple of 64)"
-  if block_sizes.block_k != 64:
-    return f"block_k {block_sizes.block_k} (GPU kernel: 64, one 128-byte swizzled row)"
+  if block_sizes.block_k % 64:
+    return f"block_k {block_sizes.block_k} (GPU kernel: a multiple of 64)"
   if block_sizes.block_n % 64:
     return f"block_n {block_sizes.block_n} (GPU kernel: a multiple of 64)"
   return None
@@ -81,7 +81,7 @@ def _transforms(dtype) -> tuple:
 
 
 def _fit(dim: int, tile: int) -> int:
-  """``tile`` if it divides ``dim``, else 64 (dim is a multiple of 64)."""
+  """``tile`` if it divides ``dim``, else 64 (``supported`` requires dim % 64 == 0)."""
   return tile if dim % tile == 0 else 64
 
 
@@ -103,8 +103,8 @@ def gmm(lhs, rhs, schedule, *, block_sizes: BlockSizes, out_dtype=None,
   Args:
     lhs: ``[M, C]`` bf16/f16; rhs ``[G, C, O]`` (``[G, O, C]`` if transpose_rhs), same dtype.
     schedule: ``make_schedule(group_sizes, M, block_sizes.block_m)``.
-    block_sizes: block_m rows, block_k contraction step, block_n output columns (64 where
-      block_n does not divide O); num_stages pipeline depth.
+    block_sizes: block_m rows, block_k contraction step, block_n output columns (each 64
+      where it does not divide its dimension); num_stages pipeline depth.
     out_dtype: default lhs.dtype.
     interpret: None on a GPU; ``plgpu.InterpretGPUParams`` to run on CPU.
 
@@ -114,7 +114,7 @@ def gmm(lhs, rhs, schedule, *, block_sizes: BlockSizes, out_dtype=None,
   m, c = lhs.shape
   o = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   out_dtype = jnp.dtype(out_dtype or lhs.dtype)
-  tm, tc, to = block_sizes.block_m, block_sizes.block_k, _fit(o, block_sizes.block_n)
+  tm, tc, to = block_sizes.block_m, _fit(c, block_sizes.block_k), _fit(o, block_sizes.block_n)
   steps = c // tc
   stages = max(1, min(block_sizes.num_stages, steps))
   delay = 1 if stages > 1 else 0
@@ -253,7 +253,7 @@ def grouped_matmul_gpu(lhs, rhs, group_sizes, *, block_sizes: BlockSizes | None 
 
   Returns:
     ``[M, N]``; rows past ``sum(group_sizes)`` are 0. Differentiable in lhs and rhs.
-    Raises ValueError when ``supported`` gives a reason.
+    Raises ValueError when ``supported`` gives a reason. M below one tile is zero-padded.
   """
   bs = block_sizes or BlockSizes.for_device("gpu", lhs.shape[0], lhs.shape[1], rhs.shape[2])
   reason = supported(lhs, rhs, block_sizes=bs)
@@ -264,12 +264,17 @@ def grouped_matmul_gpu(lhs, rhs, group_sizes, *, block_sizes: BlockSizes | None 
   num_groups = rhs.shape[0]
   call = functools.partial(gmm, block_sizes=bs, interpret=interpret)
 
+  # Fewer rows than one tile (decoding): pad to one tile so that no TMA window is larger
+  # than its array; the padded rows are past sum(group_sizes), hence 0, and sliced off.
+  m = lhs.shape[0]
+  rows = max(m, bs.block_m, bs.block_k)
+
   @jax.custom_vjp
   def f(x, w, gs):
-    return call(x, w, make_schedule(gs, x.shape[0], bs.block_m), out_dtype=out_dtype)
+    return call(x, w, make_schedule(gs, rows, bs.block_m), out_dtype=out_dtype)
 
   def f_fwd(x, w, gs):
-    sched = make_schedule(gs, x.shape[0], bs.block_m)
+    sched = make_schedule(gs, rows, bs.block_m)
     return call(x, w, sched, out_dtype=out_dtype), (x, w, sched)
 
   def f_bwd(res, dout):
@@ -281,4 +286,5 @@ def grouped_matmul_gpu(lhs, rhs, group_sizes, *, block_sizes: BlockSizes | None 
     return dx, dw, None
 
   f.defvjp(f_fwd, f_bwd)
-  return f(lhs.astype(dtype), rhs.astype(dtype), group_sizes.astype(jnp.int32))
+  x = jnp.pad(lhs.astype(dtype), ((0, rows - m), (0, 0)))
+  return f(x, rhs.astype(dtype), group_sizes.astype(jnp.int32))[:m]
