@@ -339,6 +339,168 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
 
 
 # ------------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------------
+
+
+def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, interpret):
+  """Reverse-chunk backward. Inputs as ``_fwd_call`` plus dy ``[B, T_p, H, d_v]``, the saved
+  states and the final-state cotangent dsf (float32 ``[B, H, d_k, d_v]``).
+
+  Returns float32 ``(dq, dk [B, T_p, H, d_k], dv [B, T_p, H, d_v], dS_0 [B, H, d_k, d_v])``.
+  """
+  bsz, tp, h, dk = q.shape
+  dvp = v.shape[-1]
+  nv, nc, nb = dvp // TILE, st.num_chunks, dk // TILE
+  dtype = q.dtype
+  nvec = _n_vecs(st)
+  tiles = _bf16_tiles()
+
+  def kernel(q_ref, k_ref, v_ref, dy_ref, vec_ref, doc_ref, a_ref, sp_ref, dsf_ref,
+             dq_ref, dk_ref, dv_ref, ds0_ref, smem, bars):
+    (q_s, k_s, v_s, dy_s, sp_s, vec_s, doc_s, ds_s, a_s, da_s, dys_s, out_s) = smem
+    (q_bar, k_bar, v_bar, dy_bar, sp_bar, vec_bar, doc_bar, st_bar) = bars
+    bi, hi, vt = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("vt")
+    cols = pl.ds(vt * TILE, TILE)
+
+    def fetch(n, slot):
+      ci = nc - 1 - n
+      rows = pl.ds(ci * CHUNK, CHUNK)
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_s.at[slot], q_bar.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_s.at[slot], k_bar.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi, cols], v_s.at[slot], v_bar.at[slot])
+      plgpu.copy_gmem_to_smem(dy_ref.at[bi, rows, hi, cols], dy_s.at[slot], dy_bar.at[slot])
+      plgpu.copy_gmem_to_smem(sp_ref.at[bi, hi, ci, :, cols], sp_s.at[slot], sp_bar.at[slot])
+      for i in range(nvec):
+        plgpu.copy_gmem_to_smem(vec_ref.at[i, bi, hi, rows], vec_s.at[i, slot],
+                                vec_bar.at[i * 2 + slot])
+      if st.has_seg:
+        plgpu.copy_gmem_to_smem(doc_ref.at[bi, rows], doc_s.at[slot], doc_bar.at[slot])
+
+    def wait(slot):
+      for bar in (q_bar, k_bar, v_bar, dy_bar, sp_bar):
+        plgpu.barrier_wait(bar.at[slot])
+      for i in range(nvec):
+        plgpu.barrier_wait(vec_bar.at[i * 2 + slot])
+      if st.has_seg:
+        plgpu.barrier_wait(doc_bar.at[slot])
+
+    def emit(j: int, value, dst):
+      """Write the j-th float32 [64, 64] output tile of this step through a 2-slot ring."""
+      buf = out_s.at[j % 2]
+      plgpu.wait_smem_to_gmem(0 if j == 0 else 1, wait_read_only=True)
+      buf[...] = value
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(buf, dst)
+
+    fetch(0, 0)
+    ds_init = _load_state(dsf_ref.at[bi, hi, :, cols], out_s.at[0], st_bar, nb)
+    for r in range(nb):
+      _blk(ds_s, r, nb, 0)[...] = ds_init[r].astype(dtype)
+    plgpu.commit_smem()
+
+    def step(n, ds):
+      slot = lax.rem(n, 2)
+      ci = nc - 1 - n
+      rows = pl.ds(ci * CHUNK, CHUNK)
+
+      @pl.when(n + 1 < nc)
+      def _prefetch():
+        fetch(n + 1, 1 - slot)
+
+      wait(slot)
+      q_n, k_n, v_n, dy_n, sp_n = (x.at[slot] for x in (q_s, k_s, v_s, dy_s, sp_s))
+      mask = _decay_mask(vec_s, doc_s, slot, st)
+      a_s[...] = _apply_mask(_mm(q_n, _t(k_n), (CHUNK, CHUNK), st), mask).astype(dtype)
+      da = _apply_mask(_mm(dy_n, _t(v_n), (CHUNK, CHUNK), st), mask).astype(dtype)
+      da_s[...] = da
+      rq = rk = None
+      if st.has_scale:
+        rq, rk = _row_vec(vec_s, nvec - 2, slot), _row_vec(vec_s, nvec - 1, slot)
+        dyv = dy_n[...].astype(jnp.float32)
+        dys_s[...] = (dyv * _row(rq, dyv.shape)).astype(dtype)
+      plgpu.commit_smem()
+
+      def scaled(x, vec):
+        return x if vec is None else x * _row(vec, x.shape)
+
+      shape = (CHUNK, TILE)
+      # dV = Aᵀ dY + rk ⊙ (K dS)
+      kds = None
+      for r in range(nb):
+        kds = _mm(_blk(k_n, r, nb, 1), _blk(ds_s, r, nb, 0), shape, st, acc=kds)
+      emit(0, _mm(_t(a_s), dy_n, shape, st) + scaled(kds, rk),
+           dv_ref.at[bi, rows, hi, cols])
+      # dK = dAᵀ Q + rk ⊙ (V dSᵀ), dQ = dA K + rq ⊙ (dY S_prevᵀ), one 64-column block at a time
+      da_lhs = da_s if st.interpreting else da
+      for r in range(nb):
+        dcols = pl.ds(r * TILE, TILE)
+        vds = _mm(v_n, _t(_blk(ds_s, r, nb, 0)), shape, st)
+        emit(1 + r, _mm(_t(da_s), _blk(q_n, r, nb, 1), shape, st) + scaled(vds, rk),
+             dk_ref.at[vt, bi, rows, hi, dcols])
+        dys = _mm(dy_n, _t(_blk(sp_n, r, nb, 0)), shape, st)
+        emit(1 + nb + r, _mm(da_lhs, _blk(k_n, r, nb, 1), shape, st) + scaled(dys, rq),
+             dq_ref.at[vt, bi, rows, hi, dcols])
+      # dS <- a·dS + Qᵀ (rq ⊙ dY)
+      decay = a_ref[bi, hi, ci] if st.has_scale else None
+      new = []
+      for r in range(nb):
+        ds_r = ds[r] if decay is None else ds[r] * decay
+        new.append(_mm(_t(_blk(q_n, r, nb, 1)), dys_s if st.has_scale else dy_n, (TILE, TILE),
+                       st, acc=ds_r))
+      for r in range(nb):
+        _blk(ds_s, r, nb, 0)[...] = new[r].astype(dtype)
+      plgpu.commit_smem()
+      return tuple(new)
+
+    ds = lax.fori_loop(0, nc, step, ds_init)
+    for r in range(nb):
+      emit(r, ds[r], ds0_ref.at[bi, hi, pl.ds(r * TILE, TILE), cols])
+    plgpu.wait_smem_to_gmem(0)
+
+  def entry(*refs):
+    it = iter(refs)
+    q_ref, k_ref, v_ref, dy_ref = next(it), next(it), next(it), next(it)
+    vec_ref = next(it) if nvec else None
+    doc_ref = next(it) if st.has_seg else None
+    a_ref = next(it) if st.has_scale else None
+    sp_ref, dsf_ref, dq_ref, dk_ref, dv_ref, ds0_ref = (next(it) for _ in range(6))
+    smem = (plgpu.SMEM((2, CHUNK, dk), dtype, transforms=tiles),
+            plgpu.SMEM((2, CHUNK, dk), dtype, transforms=tiles),
+            plgpu.SMEM((2, CHUNK, TILE), dtype, transforms=tiles),
+            plgpu.SMEM((2, CHUNK, TILE), dtype, transforms=tiles),
+            plgpu.SMEM((2, dk, TILE), dtype, transforms=tiles),
+            plgpu.SMEM((nvec, 2, CHUNK), jnp.float32) if nvec else None,
+            plgpu.SMEM((2, CHUNK), jnp.int32) if st.has_seg else None,
+            plgpu.SMEM((dk, TILE), dtype, transforms=tiles),
+            plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles),
+            plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles),
+            plgpu.SMEM((CHUNK, TILE), dtype, transforms=tiles) if st.has_scale else None,
+            plgpu.SMEM((2, TILE, TILE), jnp.float32, transforms=_f32_tiles()))
+    bars = tuple(plgpu.Barrier(num_barriers=2) for _ in range(5)) + (
+        plgpu.Barrier(num_barriers=2 * nvec) if nvec else None,
+        plgpu.Barrier(num_barriers=2) if st.has_seg else None,
+        plgpu.Barrier(num_barriers=1))
+    pl.run_scoped(lambda sm, br: kernel(q_ref, k_ref, v_ref, dy_ref, vec_ref, doc_ref, a_ref,
+                                        sp_ref, dsf_ref, dq_ref, dk_ref, dv_ref, ds0_ref, sm,
+                                        br), smem, bars)
+
+  args = [q, k, v, dy]
+  args += [vecs] if nvec else []
+  args += [doc] if st.has_seg else []
+  args += [chunk_decay] if st.has_scale else []
+  args += [states, dsf]
+  out_type = (jax.ShapeDtypeStruct((nv, bsz, tp, h, dk), jnp.float32),
+              jax.ShapeDtypeStruct((nv, bsz, tp, h, dk), jnp.float32),
+              jax.ShapeDtypeStruct((bsz, tp, h, dvp), jnp.float32),
+              jax.ShapeDtypeStruct((bsz, h, dk, dvp), jnp.float32))
+  dq, dk_, dv, ds0 = plgpu.kernel(
+      entry, out_type=out_type, grid=(nv, h, bsz), grid_names=("vt", "heads", "batch"),
+      compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)(*args)
+  return jnp.sum(dq, 0), jnp.sum(dk_, 0), dv, ds0
+
+
+# ------------------------------------------------------------------------------------------------
 # Entry
 # ------------------------------------------------------------------------------------------------
 
