@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,10 @@ from effx.pallas_kernels.moh_attention.config import BlockSizes
 
 GPU_INTERPRET = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
 ATOL, GTOL = 2e-2, 6e-2
+# No shrinking: every example runs interpreted kernels, so a shrink would take minutes.
+SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, database=None,
+                phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate),
+                suppress_health_check=list(hypothesis.HealthCheck))
 
 
 def _inputs(seed, b, t, h, hkv, d, block_q, density):
@@ -129,6 +135,83 @@ def test_forward_lse():
   lse = np.asarray(lse)
   assert np.isinf(lse[tok == 0]).all()
   np.testing.assert_allclose(lse[tok != 0], np.asarray(want)[tok != 0], atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward (dQ and dK/dV kernels)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dkv_tables():
+  """Visit lists: active (head of the group, 64-row tile) pairs sorted by tile; start[j] is
+  the first entry a 128-key block j sees causally."""
+  act = np.zeros((1, 2, 2), np.int32)     # [B, H, nq] with block_q = 128: tiles 0-1, 2-3
+  act[0, 0, 1] = 1                        # head 0: tiles 2, 3
+  act[0, 1, 0] = act[0, 1, 1] = 1         # head 1: tiles 0, 1, 2, 3
+  lst, start, cnt = mk_gpu._dkv_tables(jnp.asarray(act), 2, 128)
+  nt = 4
+  decoded = [(int(e) // nt, int(e) % nt) for e in np.asarray(lst)[0, 0, :int(cnt[0, 0])]]
+  assert decoded == [(1, 0), (1, 1), (0, 2), (1, 2), (0, 3), (1, 3)]
+  np.testing.assert_array_equal(start, [[[0, 2]]])   # key block 1 sees tiles >= 2
+  np.testing.assert_array_equal(cnt, [[6]])
+  _, start, cnt = mk_gpu._dkv_tables(jnp.zeros((1, 2, 2), jnp.int32), 1, 128)
+  np.testing.assert_array_equal(cnt, [[0, 0]])
+  np.testing.assert_array_equal(start, np.zeros((1, 2, 2)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [
+    dict(t=200, h=4, hkv=2, bq=64, bk=64, density=0.5),                 # GQA, ragged length
+    dict(t=150, h=4, hkv=4, bq=128, bk=64, density=0.6, seg=True, cap=5.0),
+    dict(b=2, t=130, h=4, hkv=1, bq=128, bk=128, density=1.0, none_b0=True),  # MQA
+])
+def test_gradients_match_reference(case):
+  """Values and gradients in q, k, v, gates; the last case has every pair of batch 0 inactive
+  and every pair of batch 1 active."""
+  c = dict(b=1, seg=False, cap=None, none_b0=False) | case
+  q, k, v, gates, active, dy = _inputs(6, c["b"], c["t"], c["h"], c["hkv"], 64, c["bq"],
+                                       c["density"])
+  if c["none_b0"]:
+    active = active.at[0].set(False)
+    gates = gates.at[0].set(0.0)
+  seg = _segments(7, c["b"], c["t"]) if c["seg"] else None
+  _compare(q, k, v, gates, active, dy, block_sizes=BlockSizes(c["bq"], c["bk"]),
+           segment_ids=seg, cap=c["cap"])
+
+
+@pytest.mark.slow
+@hypothesis.settings(max_examples=2, **SETTINGS)
+@hypothesis.given(t=st.integers(100, 200), hkv=st.sampled_from([1, 2, 4]),
+                  bq=st.sampled_from([64, 128]), density=st.sampled_from([0.0, 0.3, 0.7]),
+                  seg=st.booleans(), seed=st.integers(0, 100))
+def test_gradients_random(t, hkv, bq, density, seg, seed):
+  q, k, v, gates, active, dy = _inputs(seed, 1, t, 4, hkv, 64, bq, density)
+  _compare(q, k, v, gates, active, dy, block_sizes=BlockSizes(bq, 64),
+           segment_ids=_segments(seed, 1, t) if seg else None)
+
+
+def test_gradients_skip_inactive_pairs():
+  """With all gates 1, dQ is exactly 0 on inactive pairs (the dQ kernel skipped them) and
+  dK/dV get nothing from them: equal to the gradients with those rows' cotangent zeroed."""
+  q, k, v, _, active, dy = _inputs(8, 1, 128, 4, 2, 64, 64, 0.5)
+  ones = jnp.ones(q.shape[:3], jnp.float32)
+  bs = BlockSizes(64, 64)
+  ker = functools.partial(mk_gpu.moh_attention_gpu, active=active, block_sizes=bs)
+  with plgpu.force_gpu_interpret_mode(GPU_INTERPRET):
+    _, (dq, dk, dv, _) = _value_and_vjp(ker, q, k, v, ones, dy)
+  tok = np.repeat(np.asarray(active), 64, axis=1)
+  assert np.abs(np.asarray(dq, np.float32)[~tok]).max() == 0.0
+  ref = functools.partial(mk.moh_attention_reference, active=active, block_q=64)
+  dy_active = jnp.where(jnp.asarray(tok)[..., None], dy, 0).astype(dy.dtype)
+  _, (_, rdk, rdv, _) = _value_and_vjp(ref, q, k, v, ones, dy_active)
+  _check_close("dk", dk, rdk, GTOL)
+  _check_close("dv", dv, rdv, GTOL)
+
+
+def test_head_dim_256_forward_kernel_xla_gradient():
+  """head_dim 256: the forward kernel runs; the gradient is the XLA reference's."""
+  q, k, v, gates, active, dy = _inputs(9, 1, 64, 2, 1, 256, 64, 0.7)
+  _compare(q, k, v, gates, active, dy, block_sizes=BlockSizes(64, 64))
 
 
 # ------------------------------------------------------------------------------------------------

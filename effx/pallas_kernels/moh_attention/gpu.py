@@ -332,8 +332,296 @@ def _xla_bwd(qp, kp, vp, seg, act, do, st: _Static):
   return jax.vjp(ungated, qp, kp, vp)[1](do)
 
 
+def _dq_call(q, k, v, do, lse2, delta, seg, act, st: _Static, interpret):
+  """dQ ``[B, Tp, H, D]`` (q's dtype) over the active (query block, head) pairs, 0 elsewhere.
+
+  ``lse2``: the forward's lse times log2(e); ``delta``: ``rowsum(dO * O)``; both float32
+  ``[B, H, Tp]``.
+  """
+  b, tp, h, d = q.shape
+  dtype = q.dtype
+  w, bk, ns, nq = st.block_q // WG_ROWS, DQ_BLOCK_K, st.num_stages, st.nq
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, act_ref, seg_ref, dq_ref, smem,
+             bars):
+    q_smem, do_smem, k_smem, v_smem, stat_smem, qseg_smem, kvseg_smem, ds_smem = smem
+    row_bar, k_bar, v_bar, seg_bar, k_used, v_used = bars
+    bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
+    qt = (nq - 1) - lax.axis_index("q_seq")
+    wg = lax.axis_index("wg")
+    count = jnp.where(act_ref[bi, hi, qt] != 0, _kv_blocks(qt, st.block_q, bk), 0)
+
+    @pl.when(wg < w)
+    def _compute():
+      plgpu.set_max_registers(_compute_registers(w), action="increase")
+      row0 = qt * st.block_q + wg * WG_ROWS
+      rows = pl.ds(row0, WG_ROWS)
+      qs, dos = q_smem.at[wg], do_smem.at[wg]
+      loads = [(q_ref.at[bi, rows, hi], qs), (do_ref.at[bi, rows, hi], dos),
+               (lse_ref.at[bi, hi, rows], stat_smem.at[wg, 0]),
+               (delta_ref.at[bi, hi, rows], stat_smem.at[wg, 1])]
+      if st.has_seg:
+        loads.append((seg_ref.at[bi, rows], qseg_smem.at[wg]))
+
+      @pl.when(count > 0)
+      def _load_rows():
+        for n, (src, dst) in enumerate(loads):
+          plgpu.copy_gmem_to_smem(src, dst, row_bar.at[n * w + wg])
+        for n in range(len(loads)):
+          plgpu.barrier_wait(row_bar.at[n * w + wg])
+
+      lse = plgpu.load(stat_smem.at[wg, 0], layout=_rows_layout())
+      delta = plgpu.load(stat_smem.at[wg, 1], layout=_rows_layout())
+      q_ids = plgpu.load(qseg_smem.at[wg], layout=_rows_layout()) if st.has_seg else None
+      dq0 = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+      def step(t, dq):
+        slot = lax.rem(t, jnp.int32(ns))
+        plgpu.barrier_wait(k_bar.at[slot])
+        kv_ids = None
+        if st.has_seg:
+          plgpu.barrier_wait(seg_bar.at[slot])
+          kv_ids = plgpu.load(kvseg_smem.at[slot], layout=_cols_layout())
+        s, th = _scores(_matmul(qs, k_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk)), st)
+        s = _masked(s, (t + 1) * bk - 1 <= row0, row0, t * bk, keys_on_rows=False,
+                    row_ids=q_ids, col_ids=kv_ids)
+        p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+        plgpu.barrier_wait(v_bar.at[slot])
+        dp = _matmul(dos, v_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk))
+        plgpu.barrier_arrive(v_used.at[slot])
+        ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+        if th is not None:
+          ds = ds * (1.0 - th * th)
+        ds_op = _lhs(ds.astype(dtype), None if ds_smem is None else ds_smem.at[wg])
+        dq = _accumulate(dq, ds_op, k_smem.at[slot], st)
+        plgpu.barrier_arrive(k_used.at[slot])
+        return dq
+
+      dq = lax.fori_loop(0, count, step, dq0)
+      qs[...] = (dq * st.scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qs, dq_ref.at[bi, rows, hi])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == w)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      kvh = lax.div(hi, jnp.int32(st.groups))
+
+      @pl.loop(0, count)
+      def _fetch(t):
+        slot = lax.rem(t, jnp.int32(ns))
+        rows = pl.ds(t * bk, bk)
+
+        @pl.when(t >= ns)
+        def _():
+          plgpu.barrier_wait(k_used.at[slot])
+          if st.has_seg:
+            plgpu.commit_smem()
+
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, kvh], k_smem.at[slot], k_bar.at[slot])
+        if st.has_seg:
+          plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], kvseg_smem.at[slot], seg_bar.at[slot])
+
+        @pl.when(t >= ns)
+        def _():
+          plgpu.barrier_wait(v_used.at[slot])
+
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, kvh], v_smem.at[slot], v_bar.at[slot])
+
+  def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, act_ref, *rest):
+    seg_ref, (dq_ref,) = (rest[0], rest[1:]) if st.has_seg else (None, rest)
+    smem = (_tile(dtype, w, WG_ROWS, d), _tile(dtype, w, WG_ROWS, d),
+            _tile(dtype, ns, bk, d), _tile(dtype, ns, bk, d),
+            plgpu.SMEM((w, 2, WG_ROWS), jnp.float32),
+            plgpu.SMEM((w, WG_ROWS), jnp.int32) if st.has_seg else None,
+            plgpu.SMEM((ns, bk), jnp.int32) if st.has_seg else None,
+            _tile(dtype, w, WG_ROWS, bk) if st.interpreting else None)
+    bars = (plgpu.Barrier(num_barriers=(5 if st.has_seg else 4) * w),
+            plgpu.Barrier(num_barriers=ns), plgpu.Barrier(num_barriers=ns),
+            plgpu.Barrier(num_barriers=ns) if st.has_seg else None,
+            plgpu.Barrier(num_arrivals=w, num_barriers=ns),
+            plgpu.Barrier(num_arrivals=w, num_barriers=ns))
+    pl.run_scoped(lambda s, br: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, act_ref,
+                                       seg_ref, dq_ref, s, br),
+                  smem, bars, collective_axes="wg")
+
+  args = [q, k, v, do, lse2, delta, act] + ([seg] if st.has_seg else [])
+  return plgpu.kernel(
+      entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      grid=(h, nq, b), grid_names=("heads", "q_seq", "batch"),
+      num_threads=w + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(*args)
+
+
+def _dkv_tables(act, groups: int, block_q: int):
+  """Visit lists of the dK/dV kernel from the activity map ``act`` int32 ``[B, H, nq]``.
+
+  Returns (lst int32 ``[B, Hkv, groups * nt]``: the active (head of the group ``g``, 64-row
+  query tile ``i``) pairs coded ``g * nt + i``, sorted by ``i``, then padding; start int32
+  ``[B, Hkv, nkb]``: the first list entry whose tile a key block ``j`` (of DKV_BLOCK_K keys)
+  sees causally; count int32 ``[B, Hkv]``: the number of active entries).
+  """
+  b, h, _ = act.shape
+  tiles = jnp.repeat(act != 0, block_q // DKV_BLOCK_Q, axis=2)     # [B, H, nt]
+  nt = tiles.shape[2]
+  tiles = tiles.reshape(b, h // groups, groups, nt)
+  code = np.arange(groups)[:, None] * nt + np.arange(nt)[None, :]  # [groups, nt]
+  flat = jnp.swapaxes(tiles, 2, 3).reshape(b, h // groups, nt * groups)   # tile-major
+  order = jnp.argsort(jnp.logical_not(flat), axis=-1, stable=True)  # active first, in order
+  lst = jnp.asarray(code.T.reshape(-1), jnp.int32)[order]
+  per_tile = tiles.sum(axis=2, dtype=jnp.int32)                    # [B, Hkv, nt]
+  before = jnp.cumsum(per_tile, axis=-1) - per_tile
+  first = np.arange(nt * DKV_BLOCK_Q // DKV_BLOCK_K) * (DKV_BLOCK_K // DKV_BLOCK_Q)
+  return lst, before[..., first], per_tile.sum(axis=-1, dtype=jnp.int32)
+
+
+def _dkv_call(q, k, v, do, lse2, delta, seg, tables, st: _Static, interpret):
+  """(dK, dV) ``[B, Tp, Hkv, D]`` (k's dtype) from the active pairs of each key block's
+  visit list (``_dkv_tables``); GQA groups accumulate in the CTA."""
+  b, tp, hkv, d = k.shape
+  dtype = k.dtype
+  w, bq, ns = DKV_BLOCK_K // WG_ROWS, DKV_BLOCK_Q, st.num_stages
+  nkb, nt = tp // DKV_BLOCK_K, tp // DKV_BLOCK_Q
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lst_ref, start_ref, cnt_ref,
+             seg_ref, dk_ref, dv_ref, smem, bars):
+    k_smem, v_smem, q_smem, do_smem, stat_smem, kseg_smem, qseg_smem, p_smem, ds_smem = smem
+    key_bar, q_bar, do_bar, lse_bar, delta_bar, seg_bar, used = bars
+    bi, kvh = lax.axis_index("batch"), lax.axis_index("kv_heads")
+    j = lax.axis_index("kv_seq")      # the first key blocks see the most queries: start first
+    wg = lax.axis_index("wg")
+    t0, t1 = start_ref[bi, kvh, j], cnt_ref[bi, kvh]
+
+    def pair(t):
+      """(query head, first query row) of list entry t."""
+      e = lst_ref[bi, kvh, t]
+      return kvh * st.groups + lax.div(e, jnp.int32(nt)), lax.rem(e, jnp.int32(nt)) * bq
+
+    @pl.when(wg < w)
+    def _compute():
+      plgpu.set_max_registers(_compute_registers(w), action="increase")
+      row0 = j * DKV_BLOCK_K + wg * WG_ROWS
+      rows = pl.ds(row0, WG_ROWS)
+      ks, vs = k_smem.at[wg], v_smem.at[wg]
+      loads = [(k_ref.at[bi, rows, kvh], ks), (v_ref.at[bi, rows, kvh], vs)]
+      if st.has_seg:
+        loads.append((seg_ref.at[bi, rows], kseg_smem.at[wg]))
+
+      @pl.when(t1 > t0)
+      def _load_keys():
+        for n, (src, dst) in enumerate(loads):
+          plgpu.copy_gmem_to_smem(src, dst, key_bar.at[n * w + wg])
+        for n in range(len(loads)):
+          plgpu.barrier_wait(key_bar.at[n * w + wg])
+
+      k_ids = plgpu.load(kseg_smem.at[wg], layout=_rows_layout()) if st.has_seg else None
+      zeros = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+      def step(t, carry):
+        dk, dv = carry
+        slot = lax.rem(t - t0, jnp.int32(ns))
+        _, col0 = pair(t)
+        plgpu.barrier_wait(q_bar.at[slot])
+        plgpu.barrier_wait(lse_bar.at[slot])
+        q_ids = None
+        if st.has_seg:
+          plgpu.barrier_wait(seg_bar.at[slot])
+          q_ids = plgpu.load(qseg_smem.at[slot], layout=_cols_layout())
+        qs = q_smem.at[slot]
+        s, th = _scores(_matmul(ks, qs.transpose((1, 0)), (WG_ROWS, bq)), st)   # S^T
+        s = _masked(s, row0 + (WG_ROWS - 1) <= col0, row0, col0, keys_on_rows=True,
+                    row_ids=k_ids, col_ids=q_ids)
+        lse = plgpu.load(stat_smem.at[slot, 0], layout=_cols_layout())
+        p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [1]))
+        p_op = _lhs(p.astype(dtype), None if p_smem is None else p_smem.at[wg])
+        plgpu.barrier_wait(do_bar.at[slot])
+        dos = do_smem.at[slot]
+        dv = _accumulate(dv, p_op, dos, st)
+        dp = _matmul(vs, dos.transpose((1, 0)), (WG_ROWS, bq))               # dP^T
+        plgpu.barrier_wait(delta_bar.at[slot])
+        delta = plgpu.load(stat_smem.at[slot, 1], layout=_cols_layout())
+        ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [1]))
+        if th is not None:
+          ds = ds * (1.0 - th * th)
+        ds_op = _lhs(ds.astype(dtype), None if ds_smem is None else ds_smem.at[wg])
+        dk = _accumulate(dk, ds_op, qs, st)
+        plgpu.barrier_arrive(used.at[slot])
+        return dk, dv
+
+      dk, dv = lax.fori_loop(t0, t1, step, (zeros, zeros))
+      ks[...] = (dk * st.scale).astype(dtype)
+      vs[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(ks, dk_ref.at[bi, rows, kvh])
+      plgpu.copy_smem_to_gmem(vs, dv_ref.at[bi, rows, kvh])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == w)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      @pl.loop(t0, t1)
+      def _fetch(t):
+        slot = lax.rem(t - t0, jnp.int32(ns))
+        hq, r0 = pair(t)
+        rows = pl.ds(r0, bq)
+
+        @pl.when(t - t0 >= ns)
+        def _():
+          plgpu.barrier_wait(used.at[slot])
+          plgpu.commit_smem()   # lse/D/ids were read through the generic proxy
+
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hq], q_smem.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[bi, hq, rows], stat_smem.at[slot, 0],
+                                lse_bar.at[slot])
+        if st.has_seg:
+          plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], qseg_smem.at[slot], seg_bar.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hq], do_smem.at[slot], do_bar.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[bi, hq, rows], stat_smem.at[slot, 1],
+                                delta_bar.at[slot])
+
+  def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lst_ref, start_ref, cnt_ref,
+            *rest):
+    seg_ref, (dk_ref, dv_ref) = (rest[0], rest[1:]) if st.has_seg else (None, rest)
+    smem = (_tile(dtype, w, WG_ROWS, d), _tile(dtype, w, WG_ROWS, d),
+            _tile(dtype, ns, bq, d), _tile(dtype, ns, bq, d),
+            plgpu.SMEM((ns, 2, bq), jnp.float32),
+            plgpu.SMEM((w, WG_ROWS), jnp.int32) if st.has_seg else None,
+            plgpu.SMEM((ns, bq), jnp.int32) if st.has_seg else None,
+            _tile(dtype, w, WG_ROWS, bq) if st.interpreting else None,
+            _tile(dtype, w, WG_ROWS, bq) if st.interpreting else None)
+    slots = lambda: plgpu.Barrier(num_barriers=ns)
+    bars = (plgpu.Barrier(num_barriers=(3 if st.has_seg else 2) * w), slots(), slots(),
+            slots(), slots(), slots() if st.has_seg else None,
+            plgpu.Barrier(num_arrivals=w, num_barriers=ns))
+    pl.run_scoped(lambda s, br: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                                       lst_ref, start_ref, cnt_ref, seg_ref, dk_ref, dv_ref,
+                                       s, br),
+                  smem, bars, collective_axes="wg")
+
+  args = [q, k, v, do, lse2, delta, *tables] + ([seg] if st.has_seg else [])
+  return plgpu.kernel(
+      entry, out_type=(jax.ShapeDtypeStruct(k.shape, dtype),) * 2,
+      grid=(hkv, nkb, b), grid_names=("kv_heads", "kv_seq", "batch"),
+      num_threads=w + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(*args)
+
+
 def _bwd(qp, kp, vp, seg, act, o, lse, do, st: _Static, interpret):
-  return _xla_bwd(qp, kp, vp, seg, act, do, st)
+  """(dq, dk, dv) padded like the inputs; ``do`` is the cotangent of the ungated O."""
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+  delta = jnp.swapaxes(delta, 1, 2)                                 # [B, H, Tp]
+  lse2 = lse * LOG2E
+  do = do.astype(qp.dtype)
+  dq = _dq_call(qp, kp, vp, do, lse2, delta, seg, act, st, interpret)
+  tables = _dkv_tables(act, st.groups, st.block_q)
+  dk, dv = _dkv_call(qp, kp, vp, do, lse2, delta, seg, tables, st, interpret)
+  return dq, dk, dv
 
 
 # ------------------------------------------------------------------------------------------------
