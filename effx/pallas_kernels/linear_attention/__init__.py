@@ -11,14 +11,17 @@ GLA ... are applied by the caller). Decay kinds (``reference.decay_kind``): "non
 
 Files: ``reference.py`` (pure jnp: the chunked form, which is the XLA path, and the recurrent
 definition), ``config.py`` (``BlockSizes`` + per-device defaults), ``tpu.py`` (Mosaic TPU forward
-and reverse-chunk backward kernels, custom_vjp).
+and reverse-chunk backward kernels, custom_vjp), ``gpu.py`` (Mosaic GPU forward and
+reverse-chunk backward kernels for Hopper, custom_vjp).
 
 Which implementation runs (``impl``):
 * ``"xla"``: the chunked reference.
-* ``"auto"``: the TPU kernel on TPU, the reference elsewhere (CPU, GPU).
-* ``"pallas"``: the TPU kernel on TPU; on CPU the TPU kernel in interpret mode
-  (``backend="tpu"``, the only kernel backend); on GPU the XLA reference with a warning (there
-  is no Mosaic GPU kernel for this op yet: ``fallback_reason`` says so).
+* ``"auto"``: the kernel of ``jax.default_backend()`` on TPU and GPU, the reference on CPU.
+* ``"pallas"``: the kernel of the current TPU/GPU; on CPU the kernel named by ``backend``
+  ("tpu", the default, or "gpu") in interpret mode.
+Fallback to XLA (under ``"pallas"`` with a warning): on GPU where ``gpu.supported`` gives a
+reason (GLA gates, float32 inputs, d_k > 128, chunk_size != 64). ``fallback_reason(...)`` tells
+in advance.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import warnings
 import jax
 
 from effx.pallas_kernels._backend import resolve_target
+from effx.pallas_kernels.linear_attention import gpu as gpu_lib
 from effx.pallas_kernels.linear_attention import tpu as tpu_lib
 from effx.pallas_kernels.linear_attention.config import BlockSizes
 from effx.pallas_kernels.linear_attention.reference import DECAY_KINDS
@@ -41,15 +45,29 @@ __all__ = ["BlockSizes", "DECAY_KINDS", "decay_kind", "fallback_reason", "linear
 
 
 def resolve(impl: str = "auto", backend: str | None = None) -> tuple[str, bool]:
-  """Returns ``(target, interpret)``: target in {"xla", "tpu"}."""
-  return resolve_target(impl, backend, kernels=("tpu",))
+  """Returns ``(target, interpret)``: target in {"xla", "tpu", "gpu"}."""
+  return resolve_target(impl, backend, kernels=("tpu", "gpu"))
 
 
-def fallback_reason(impl: str = "auto", backend: str | None = None) -> str | None:
-  """Why ``impl="pallas"`` would run the XLA reference instead of a kernel (None: it won't)."""
-  if impl == "pallas" and jax.default_backend() == "gpu":
-    return "no Mosaic GPU kernel for linear attention (XLA chunked form)"
-  return None
+def _default_blocks(target: str, interpret: bool, head_dim: int) -> BlockSizes:
+  if target != "tpu" or interpret:
+    return BlockSizes()
+  return BlockSizes.for_device(jax.devices()[0].device_kind, head_dim)
+
+
+def fallback_reason(impl: str = "auto", backend: str | None = None, *, q=None, k=None, v=None,
+                    log_decay=None, block_sizes: BlockSizes | None = None) -> str | None:
+  """Why ``linear_attention`` would run the XLA reference instead of the selected kernel.
+
+  None when the selected target is XLA or the TPU kernel (which takes every input). For the GPU
+  kernel pass the call's ``q, k, v, log_decay, block_sizes``; without q/k/v only the
+  input-independent answer (None) is given.
+  """
+  target, interpret = resolve(impl, backend)
+  if target != "gpu" or q is None:
+    return None
+  bs = block_sizes or _default_blocks(target, interpret, q.shape[-1])
+  return gpu_lib.supported(q, k, v, log_decay, bs)
 
 
 def linear_attention(q, k, v, *, log_decay=None, segment_ids=None, initial_state=None,
@@ -63,11 +81,10 @@ def linear_attention(q, k, v, *, log_decay=None, segment_ids=None, initial_state
       (gla); entries ``<= 0``: ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_tᵀ``, ``y_t = S_tᵀ q_t``.
     segment_ids: int ``[batch, T]`` or None: the state resets where the id changes.
     initial_state: ``[batch, heads, d_k, d_v]`` or None.
-    block_sizes: chunk / GLA sub-chunk; default ``BlockSizes.for_device`` (64 / 16 in
-      interpret mode). The XLA path uses the same chunking.
+    block_sizes: chunk / GLA sub-chunk; default ``BlockSizes.for_device`` on TPU, 64 / 16
+      elsewhere (the GPU kernel needs chunk_size 64). The XLA path uses the same chunking.
     impl: "auto" | "xla" | "pallas" (module docstring).
-    backend: on CPU with impl="pallas", which kernel to interpret: "tpu" (the default and
-      only one).
+    backend: on CPU with impl="pallas", which kernel to interpret: "tpu" (default) or "gpu".
 
   Returns:
     ``(y [batch, T, heads, d_v] in v's dtype, final state [batch, heads, d_k, d_v] float32)``,
@@ -76,15 +93,23 @@ def linear_attention(q, k, v, *, log_decay=None, segment_ids=None, initial_state
   check_inputs(q, k, v, log_decay, segment_ids, initial_state)
   target, interpret = resolve(impl, backend)
   if block_sizes is None:
-    block_sizes = (BlockSizes() if target != "tpu" or interpret
-                   else BlockSizes.for_device(jax.devices()[0].device_kind, q.shape[-1]))
+    block_sizes = _default_blocks(target, interpret, q.shape[-1])
   kw = dict(log_decay=log_decay, segment_ids=segment_ids, initial_state=initial_state)
-  reason = fallback_reason(impl, backend)
-  if reason is not None:
-    warnings.warn(f"linear_attention: {reason}; using XLA", stacklevel=2)
+  if target == "gpu":
+    reason = gpu_lib.supported(q, k, v, log_decay, block_sizes)
+    if reason is not None:
+      if impl == "pallas":
+        warnings.warn(f"linear_attention: Mosaic GPU kernel does not apply ({reason}); "
+                      "using XLA", stacklevel=2)
+      target = "xla"
   if target == "xla":
     return linear_attention_reference(q, k, v, chunk_size=block_sizes.chunk_size,
                                       sub_chunk=block_sizes.sub_for(), **kw)
+  if target == "gpu":
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return gpu_lib.linear_attention_gpu(
+        q, k, v, block_sizes=block_sizes,
+        interpret=plgpu.InterpretGPUParams() if interpret else None, **kw)
   from jax.experimental.pallas import tpu as pltpu
   return tpu_lib.linear_attention_tpu(
       q, k, v, block_sizes=block_sizes, interpret=pltpu.InterpretParams() if interpret else None,

@@ -13,7 +13,8 @@ class BlockSizes:
     chunk_size: C, tokens per chunk (one grid step). The intra-chunk part is a masked
       ``[C, C]`` quadratic, the inter-chunk part goes through the ``[d_k, d_v]`` state. TPU
       hardware: a multiple of 128 (C is the lane dim of the score tiles); any positive value in
-      interpret mode.
+      TPU interpret mode. GPU kernel (hardware and interpret mode): 64, one WGMMA tile of a
+      warpgroup (other values run XLA on GPU).
     sub_chunk: GLA only: the chunk is split into sub-chunks of this many tokens; pairs in
       different sub-chunks factor through a sub-chunk boundary (MXU matmuls, every exponent
       ``<= 0``), pairs inside one use a ``[sub, sub, d_k]`` elementwise tensor. Must divide
@@ -43,7 +44,8 @@ class BlockSizes:
 
     TPU: C = 128 (lane-dense ``[C, C]`` score tiles; the state matmuls are ``[C, d]`` x
     ``[d, d]``), sub-chunks of 16 (the ``[16, 16, d_k]`` gate tensor stays small; 32 for
-    ``d_k <= 64``). Elsewhere (CPU interpret mode, and GPU, which runs XLA): fla's usual C = 64.
+    ``d_k <= 64``). Elsewhere (CPU interpret mode, and GPU, whose Mosaic GPU kernel is built
+    around C = 64): fla's usual C = 64.
     """
     if "tpu" in device_kind.lower():
       return cls(chunk_size=128, sub_chunk=32 if head_dim <= 64 else 16)

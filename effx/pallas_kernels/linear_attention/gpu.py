@@ -385,13 +385,21 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
       if st.has_seg:
         plgpu.barrier_wait(doc_bar.at[slot])
 
-    def emit(j: int, value, dst):
-      """Write the j-th float32 [64, 64] output tile of this step through a 2-slot ring."""
-      buf = out_s.at[j % 2]
-      plgpu.wait_smem_to_gmem(0 if j == 0 else 1, wait_read_only=True)
-      buf[...] = value
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(buf, dst)
+    def emitter():
+      """Writes float32 [64, 64] output tiles through a 2-slot ring, in call order; the first
+      write waits for every earlier copy, later ones for all but the latest (other slot)."""
+      count = [0]
+
+      def emit(value, dst):
+        j = count[0]
+        count[0] += 1
+        buf = out_s.at[j % 2]
+        plgpu.wait_smem_to_gmem(0 if j == 0 else 1, wait_read_only=True)
+        buf[...] = value
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf, dst)
+
+      return emit
 
     fetch(0, 0)
     ds_init = _load_state(dsf_ref.at[bi, hi, :, cols], out_s.at[0], st_bar, nb)
@@ -425,21 +433,22 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
         return x if vec is None else x * _row(vec, x.shape)
 
       shape = (CHUNK, TILE)
+      emit = emitter()
       # dV = Aᵀ dY + rk ⊙ (K dS)
       kds = None
       for r in range(nb):
         kds = _mm(_blk(k_n, r, nb, 1), _blk(ds_s, r, nb, 0), shape, st, acc=kds)
-      emit(0, _mm(_t(a_s), dy_n, shape, st) + scaled(kds, rk),
+      emit(_mm(_t(a_s), dy_n, shape, st) + scaled(kds, rk),
            dv_ref.at[bi, rows, hi, cols])
       # dK = dAᵀ Q + rk ⊙ (V dSᵀ), dQ = dA K + rq ⊙ (dY S_prevᵀ), one 64-column block at a time
       da_lhs = da_s if st.interpreting else da
       for r in range(nb):
         dcols = pl.ds(r * TILE, TILE)
         vds = _mm(v_n, _t(_blk(ds_s, r, nb, 0)), shape, st)
-        emit(1 + r, _mm(_t(da_s), _blk(q_n, r, nb, 1), shape, st) + scaled(vds, rk),
+        emit(_mm(_t(da_s), _blk(q_n, r, nb, 1), shape, st) + scaled(vds, rk),
              dk_ref.at[vt, bi, rows, hi, dcols])
         dys = _mm(dy_n, _t(_blk(sp_n, r, nb, 0)), shape, st)
-        emit(1 + nb + r, _mm(da_lhs, _blk(k_n, r, nb, 1), shape, st) + scaled(dys, rq),
+        emit(_mm(da_lhs, _blk(k_n, r, nb, 1), shape, st) + scaled(dys, rq),
              dq_ref.at[vt, bi, rows, hi, dcols])
       # dS <- a·dS + Qᵀ (rq ⊙ dY)
       decay = a_ref[bi, hi, ci] if st.has_scale else None
@@ -454,8 +463,9 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
       return tuple(new)
 
     ds = lax.fori_loop(0, nc, step, ds_init)
+    emit = emitter()
     for r in range(nb):
-      emit(r, ds[r], ds0_ref.at[bi, hi, pl.ds(r * TILE, TILE), cols])
+      emit(ds[r], ds0_ref.at[bi, hi, pl.ds(r * TILE, TILE), cols])
     plgpu.wait_smem_to_gmem(0)
 
   def entry(*refs):

@@ -1,0 +1,181 @@
+"""Tests for the Mosaic GPU linear-attention kernels (effx/pallas_kernels/linear_attention/gpu.py).
+
+The kernels run in GPU interpret mode on CPU (race detector on, uninitialised shared memory
+poisoned with NaN) and are compared with the XLA chunked reference: y, the final state and the
+gradients in q, k, v, log_decay and the initial state. Everything is jitted; each distinct shape
+costs one interpreted compile of the forward and backward kernels (~5-10 s on the shared CPU).
+Tolerances (relative to max(1, max|reference|)): bfloat16/float16 values 2e-2 and gradients
+4e-2 (the kernel's matmul operands, including the carried state, are 16-bit; the reference
+computes in float32). The kernel takes no float32 inputs (XLA fallback, tested).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import hypothesis
+import hypothesis.strategies as hst
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from effx.pallas_kernels import linear_attention as lak
+from effx.pallas_kernels.linear_attention import gpu as lak_gpu
+from effx.pallas_kernels.linear_attention.config import BlockSizes
+
+GPU_INTERPRET = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
+VAL_TOL, GRAD_TOL = 2e-2, 4e-2
+SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, database=None,
+                phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate),
+                suppress_health_check=list(hypothesis.HealthCheck))
+
+
+def _inputs(seed, b, t, h, dk, dv, kind, dtype=jnp.bfloat16):
+  """q, k, v, log_decay (None / [h] / [b, t, h]), s0, dy, dS (cotangents)."""
+  ks = jax.random.split(jax.random.key(seed), 7)
+  q = jax.random.normal(ks[0], (b, t, h, dk), jnp.float32).astype(dtype)
+  k = (0.5 * jax.random.normal(ks[1], (b, t, h, dk), jnp.float32)).astype(dtype)
+  v = jax.random.normal(ks[2], (b, t, h, dv), jnp.float32).astype(dtype)
+  g = None
+  if kind == "retnet":          # weak enough that earlier chunks and s0 still matter
+    g = -0.1 * jax.nn.softplus(jax.random.normal(ks[3], (b, t, h)))
+  elif kind == "retnet_heads":
+    g = jnp.log1p(-jnp.exp2(-4.0 - jnp.arange(h, dtype=jnp.float32)))
+  elif kind == "gla":
+    g = -0.1 * jax.nn.softplus(jax.random.normal(ks[3], (b, t, h, dk)))
+  s0 = jax.random.normal(ks[4], (b, h, dk, dv), jnp.float32)
+  dy = jax.random.normal(ks[5], (b, t, h, dv), jnp.float32).astype(dtype)
+  ds = jax.random.normal(ks[6], (b, h, dk, dv), jnp.float32)
+  return q, k, v, g, s0, dy, ds
+
+
+def _segments(seed, b, t):
+  """Packed documents; ids may repeat non-adjacently (a change of id starts a document)."""
+  rng = np.random.default_rng(seed)
+  ids = np.sort(rng.integers(0, 4, size=(b, t)), axis=1)
+  ids[:, t // 2:] = ids[:, t // 2:] % 2
+  return jnp.asarray(ids, jnp.int32)
+
+
+def _check_close(name, got, want, tol):
+  got = np.asarray(jnp.asarray(got, jnp.float32))
+  want = np.asarray(jnp.asarray(want, jnp.float32))
+  assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+  assert np.isfinite(got).all(), f"{name}: non-finite values"
+  err = np.abs(got - want).max() if got.size else 0.0
+  scale = max(1.0, float(np.abs(want).max()))
+  assert err <= tol * scale, f"{name}: max err {err} > {tol} * {scale}"
+
+
+def _value_and_grads(fn, q, k, v, g, s0, dy, ds, seg):
+  """(y, state) and the VJP of (dy, ds) w.r.t. q, k, v, log_decay, s0 (None where absent)."""
+  def f(q, k, v, g, s0):
+    return fn(q, k, v, log_decay=g, segment_ids=seg, initial_state=s0)
+
+  out, vjp = jax.vjp(f, q, k, v, g, s0)
+  return out, vjp((dy, ds))
+
+
+def _compare(q, k, v, g, s0, dy, ds, seg):
+  kernel = functools.partial(lak_gpu.linear_attention_gpu, interpret=GPU_INTERPRET)
+  got = jax.jit(functools.partial(_value_and_grads, kernel))(q, k, v, g, s0, dy, ds, seg)
+  want = jax.jit(functools.partial(_value_and_grads, lak.linear_attention_reference))(
+      q, k, v, g, s0, dy, ds, seg)
+  (y, st), grads = got
+  (ry, rst), rgrads = want
+  _check_close("y", y, ry, VAL_TOL)
+  _check_close("state", st, rst, VAL_TOL)
+  assert y.dtype == v.dtype and st.dtype == jnp.float32
+  for name, a, r in zip(("dq", "dk", "dv", "dlog_decay", "ds0"), grads, rgrads):
+    assert (a is None) == (r is None), name
+    if r is not None:
+      assert a.shape == r.shape and a.dtype == r.dtype, name
+      _check_close(name, a, r, GRAD_TOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel vs reference
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [
+    # no decay, T not a chunk multiple (2 chunks), no segments / initial state
+    dict(t=100, kind="none"),
+    # per-token RetNet decay, segments, initial state, 3 chunks
+    dict(t=150, kind="retnet", seg=True, s0=True),
+    # per-head decay, d_k = 16 (Taylor-size features, padded to 64), d_v = 48 (padded), f16
+    dict(t=70, kind="retnet_heads", dk=16, dv=48, s0=True, dtype=jnp.float16),
+    # segments without decay, one chunk shorter than C
+    dict(t=40, kind="none", seg=True, b=2),
+])
+def test_kernel_matches_reference(case):
+  c = dict(b=1, h=2, dk=64, dv=64, seg=False, s0=False, dtype=jnp.bfloat16) | case
+  q, k, v, g, s0, dy, ds = _inputs(3, c["b"], c["t"], c["h"], c["dk"], c["dv"], c["kind"],
+                                   c["dtype"])
+  seg = _segments(5, c["b"], c["t"]) if c["seg"] else None
+  _compare(q, k, v, g, s0 if c["s0"] else None, dy, ds, seg)
+
+
+@pytest.mark.slow
+def test_kernel_wide_heads():
+  """d_k = d_v = 128: two d_v tiles per head (dq/dk partial sums) and two state row blocks."""
+  q, k, v, g, s0, dy, ds = _inputs(7, 1, 130, 2, 128, 128, "retnet")
+  _compare(q, k, v, g, s0, dy, ds, _segments(8, 1, 130))
+
+
+@pytest.mark.slow
+@hypothesis.settings(max_examples=3, **SETTINGS)
+@hypothesis.given(t=hst.integers(1, 200), kind=hst.sampled_from(["none", "retnet"]),
+                  seg=hst.booleans(), s0=hst.booleans())
+def test_kernel_random_shapes(t, kind, seg, s0):
+  q, k, v, g, s0_, dy, ds = _inputs(t, 1, t, 2, 64, 64, kind)
+  _compare(q, k, v, g, s0_ if s0 else None, dy, ds, _segments(t, 1, t) if seg else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point and fallbacks
+# ------------------------------------------------------------------------------------------------
+
+
+def test_supported_reasons():
+  q, k, v, g, _, _, _ = _inputs(1, 1, 8, 2, 64, 64, "gla")
+  assert "GLA" in lak_gpu.supported(q, k, v, g)
+  assert lak_gpu.supported(q, k, v, g[..., 0]) is None
+  assert "dtype" in lak_gpu.supported(q.astype(jnp.float32), k, v)
+  assert "mixed" in lak_gpu.supported(q, k.astype(jnp.float16), v)
+  wide = jnp.zeros((1, 8, 2, 192), jnp.bfloat16)
+  assert "d_k" in lak_gpu.supported(wide, wide, v)
+  assert "chunk_size" in lak_gpu.supported(q, k, v, block_sizes=BlockSizes(chunk_size=128))
+  with pytest.raises(ValueError, match="GLA"):
+    lak_gpu.linear_attention_gpu(q, k, v, log_decay=g)
+
+
+def test_entry_point_gpu_dispatch():
+  q, k, v, g, s0, _, _ = _inputs(13, 1, 80, 2, 64, 64, "retnet")
+  seg = _segments(2, 1, 80)
+  kw = dict(log_decay=g, segment_ids=seg, initial_state=s0)
+  want = lak.linear_attention_reference(q, k, v, **kw)
+  assert lak.resolve("pallas", "gpu") == ("gpu", True)
+  assert lak.resolve("auto", "gpu") == ("xla", False)       # this suite runs on CPU
+  assert lak.fallback_reason("pallas", "gpu", q=q, k=k, v=v, log_decay=g) is None
+  got = jax.jit(functools.partial(lak.linear_attention, impl="pallas", backend="gpu"))(
+      q, k, v, **kw)
+  _check_close("pallas-gpu y", got[0], want[0], VAL_TOL)
+  _check_close("pallas-gpu state", got[1], want[1], VAL_TOL)
+
+
+def test_entry_point_gpu_fallbacks():
+  """GLA and float32 inputs run the XLA reference under impl="pallas", with a warning."""
+  q, k, v, g, s0, _, _ = _inputs(17, 1, 30, 2, 16, 16, "gla", jnp.float32)
+  assert "GLA" in lak.fallback_reason("pallas", "gpu", q=q, k=k, v=v, log_decay=g)
+  assert "dtype" in lak.fallback_reason("pallas", "gpu", q=q, k=k, v=v)
+  for log_decay in (g, None):
+    want = jax.jit(lak.linear_attention_reference)(q, k, v, log_decay=log_decay,
+                                                   initial_state=s0)
+    with pytest.warns(UserWarning, match="does not apply"):
+      got = jax.jit(functools.partial(lak.linear_attention, impl="pallas", backend="gpu"))(
+          q, k, v, log_decay=log_decay, initial_state=s0)
+    _check_close("fallback y", got[0], want[0], 1e-6)
+    _check_close("fallback state", got[1], want[1], 1e-6)
