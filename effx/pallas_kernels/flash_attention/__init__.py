@@ -5,8 +5,8 @@
 
 Files: ``reference.py`` (pure jnp, the semantics), ``layout.py`` (static tile layouts),
 ``config.py`` (``BlockSizes`` + per-device defaults), ``tpu.py`` (Mosaic TPU forward + dQ and
-dK/dV backward kernels, custom_vjp), ``gpu.py`` (Mosaic GPU forward kernel for Hopper; its
-gradient is the XLA reference's).
+dK/dV backward kernels, custom_vjp), ``gpu.py`` (Mosaic GPU forward kernel for Hopper,
+custom_vjp) and ``gpu_backward.py`` (its Mosaic GPU dQ and dK/dV backward kernels).
 
 Which implementation runs (``impl``):
 * ``"xla"``: the reference.
@@ -16,7 +16,10 @@ Which implementation runs (``impl``):
   ``backend`` ("tpu", the default, or "gpu") in interpret mode.
 Fallbacks to XLA (also under ``"pallas"``, with a warning): on GPU when ``gpu.supported``
 gives a reason (f32 inputs, head_dim not a multiple of 64 or > 256, dense masks with partial
-tiles at the GPU tiling). ``fallback_reason(...)`` tells in advance.
+tiles at the GPU tiling). ``fallback_reason(...)`` tells in advance. When the GPU forward
+runs, its gradient is the Mosaic GPU backward's, except where ``gpu.backward_reason(...)``
+gives a reason (head_dim > 128, backward tiles other than 64/128, a dense mask not aligned to
+the backward tilings): that call's gradient is the XLA reference's, O(q_len * kv_len) memory.
 """
 
 from __future__ import annotations
