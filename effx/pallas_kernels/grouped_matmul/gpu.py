@@ -10,9 +10,10 @@ row tile the first and last group whose rows it holds. The CTA visits those grou
 per group, a TMA -> shared memory ring (``plgpu.emit_pipeline``, ``num_stages`` deep, one
 WGMMA in flight) runs ``lhs_tile @ rhs[g]`` over the contraction with a float32 WGMMA
 accumulator, and the rows of that group are selected into a shared-memory output tile that
-starts as zeros. The tile is written once with TMA, so a tile spanning several groups costs one
-full pass per group but no two CTAs ever write the same rows; tiles past ``sum(group_sizes)``
-visit no group and are written as zeros. The last row tile may extend past M: TMA zero-fills
+starts as zeros (a tile that one group owns entirely is stored as is). The tile is written
+once with TMA, so a tile spanning several groups costs one full pass per group but no two CTAs
+ever write the same rows; tiles past ``sum(group_sizes)`` visit no group and are written as
+zeros. The last row tile may extend past M: TMA zero-fills
 those rows on load and drops them on store.
 
 ``tgmm`` (weight gradient ``out[g] = lhs_g^T @ dout_g``): one CTA per (N tile, K tile, group),
@@ -120,10 +121,19 @@ def gmm(lhs, rhs, schedule, *, block_sizes: BlockSizes, out_dtype=None,
   delay = 1 if stages > 1 else 0
   in_tr, out_tr = _transforms(lhs.dtype), _transforms(out_dtype)
   offsets, first, last = schedule
+  num_groups = rhs.shape[0]
 
   def kernel(offsets_ref, first_ref, last_ref, lhs_ref, rhs_ref, out_ref, o_smem):
     ot, mt = lax.axis_index("o"), lax.axis_index("m")
-    o_smem[...] = plgpu.layout_cast(jnp.zeros((tm, to), out_dtype), plgpu.Layout.WGMMA)
+    lo, hi = first_ref[mt], last_ref[mt]
+    # The common case: one group owns every row of the tile (no zeros, no merge).
+    g0 = jnp.minimum(lo, num_groups - 1)
+    whole = (lo == hi) & (offsets_ref[g0] <= mt * tm) & (offsets_ref[g0 + 1] >= (mt + 1) * tm)
+
+    @pl.when(jnp.logical_not(whole))
+    def _():
+      o_smem[...] = plgpu.layout_cast(jnp.zeros((tm, to), out_dtype), plgpu.Layout.WGMMA)
+
     rows = mt * tm + plgpu.broadcasted_iota(jnp.int32, (tm, to), 0, layout=plgpu.Layout.WGMMA)
     if transpose_rhs:
       rhs_spec = plgpu.BlockSpec((to, tc), lambda kk: (ot, kk), transforms=in_tr,
@@ -134,7 +144,7 @@ def gmm(lhs, rhs, schedule, *, block_sizes: BlockSizes, out_dtype=None,
     lhs_spec = plgpu.BlockSpec((tm, tc), lambda kk: (mt, kk), transforms=in_tr,
                                delay_release=delay)
 
-    @pl.loop(first_ref[mt], last_ref[mt] + 1)
+    @pl.loop(lo, hi + 1)
     def _visit(g):
       start, end = offsets_ref[g], offsets_ref[g + 1]
 
@@ -147,10 +157,16 @@ def gmm(lhs, rhs, schedule, *, block_sizes: BlockSizes, out_dtype=None,
           )(lhs_ref, rhs_ref.at[g])
           return acc_ref[...]
 
-        acc = pl.run_scoped(acc_scope, plgpu.ACC((tm, to), jnp.float32))
-        mask = (rows >= start) & (rows < end)
-        prev = plgpu.load(o_smem, layout=plgpu.Layout.WGMMA)
-        o_smem[...] = jnp.where(mask, acc.astype(out_dtype), prev)
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((tm, to), jnp.float32)).astype(out_dtype)
+
+        @pl.when(whole)
+        def _():
+          o_smem[...] = acc
+
+        @pl.when(jnp.logical_not(whole))
+        def _():
+          mask = (rows >= start) & (rows < end)
+          o_smem[...] = jnp.where(mask, acc, plgpu.load(o_smem, layout=plgpu.Layout.WGMMA))
 
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, out_ref.at[pl.ds(mt * tm, tm), pl.ds(ot * to, to)])
