@@ -236,6 +236,7 @@ def _dq_call(q, k, v, do, lse2, delta, qseg, kvseg, lists: layout_lib.BlockLists
   b, lq, h, d = q.shape
   dtype = q.dtype
   w, ns, bk = st.compute_wgs, st.num_stages, STEP
+  n_qt = lq // st.block
   has_seg = st.has_seg
   rows_l = plgpu.Layout.WGMMA.reduce(1)
   cols_l = plgpu.Layout.WGMMA.reduce(0)
@@ -247,7 +248,8 @@ def _dq_call(q, k, v, do, lse2, delta, qseg, kvseg, lists: layout_lib.BlockLists
     row_bar, k_bar, v_bar, seg_bar, used = bars
     bi = lax.axis_index("batch")
     hi = lax.axis_index("heads")
-    qt = lax.axis_index("q_seq")
+    # Last query blocks first: under causal masks they have the most work (longest first).
+    qt = (n_qt - 1) - lax.axis_index("q_seq")
     wg = lax.axis_index("wg")
     hm = hi if st.per_head else 0
     count = cnt_ref[hm, qt]
@@ -356,7 +358,7 @@ def _dq_call(q, k, v, do, lse2, delta, qseg, kvseg, lists: layout_lib.BlockLists
   return plgpu.kernel(
       entry,
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-      grid=(h, lq // st.block, b),
+      grid=(h, n_qt, b),
       grid_names=("heads", "q_seq", "batch"),
       num_threads=w + 1,
       thread_name="wg",
