@@ -382,9 +382,6 @@ def flash_attention_gpu(q, k, v, *, segment_ids=None, causal: bool = True,
   kw = dict(causal=causal, window=window, dense_mask=dense_mask,
             logit_soft_cap=logit_soft_cap, sm_scale=sm_scale)
 
-  bwd_reason = backward_reason(q, k, block_sizes=bs, causal=causal, window=window,
-                               dense_mask=dense_mask)
-
   @jax.custom_vjp
   def attn(q, k, v, seg):
     return fwd(q, k, v, seg)[0]
@@ -395,9 +392,13 @@ def flash_attention_gpu(q, k, v, *, segment_ids=None, causal: bool = True,
 
   def attn_bwd(res, do):
     q, k, v, seg, o, lse = res
-    if bwd_reason is None:
+    # Static (numpy) layouts, built only when a gradient is traced.
+    layouts = bwd_lib.backward_layouts(q_len, kv_len, bs, causal=causal, window=window,
+                                       dense_mask=dense_mask)
+    if bwd_lib.supported_backward(q, k, block_sizes=bs, layouts=layouts) is None:
       grads = bwd_lib.flash_attention_bwd_gpu(
-          q, k, v, o, lse, do, segment_ids=seg, block_sizes=bs, interpret=interpret, **kw)
+          q, k, v, o, lse, do, segment_ids=seg, block_sizes=bs, interpret=interpret,
+          layouts=layouts, **kw)
       return (*grads, None)
     _, vjp = jax.vjp(
         lambda q, k, v: ref_lib.attention_reference(q, k, v, segment_ids=seg, **kw), q, k, v)

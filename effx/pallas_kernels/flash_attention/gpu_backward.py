@@ -208,6 +208,18 @@ class _Mma:
       plgpu.wgmma(acc_ref, a, b)
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
+  def accumulate_and_product(self, acc, a, b, stage, shape, a2, b2):
+    """``(acc + a @ b, a2 @ b2)`` (a2, b2 shared-memory refs); on hardware both WGMMAs are in
+    flight together and waited for once."""
+    if self.interpreting:
+      return self.accumulate(acc, a, b, stage), self.fresh(shape, a2, b2)
+
+    def body(refs):
+      acc_ref, out_ref = refs
+      plgpu.wgmma(acc_ref, a, b)
+      plgpu.wgmma(out_ref, a2, b2)
+    return pl.run_state(body)((plgpu.ACC.init(acc), plgpu.ACC.init(_zeros(shape))))
+
 
 def _zeros(shape):
   return plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), plgpu.Layout.WGMMA)
@@ -433,8 +445,9 @@ def _dkv_call(q, k, v, do, lse2, delta, qseg, kvseg, glists, st: _Static, interp
         lse = plgpu.load(lse_smem.at[slot], layout=cols_l)
         p = jnp.exp2(s - lax.broadcast_in_dim(lse, shape, [1]))         # P^T [keys, queries]
         plgpu.barrier_wait(do_bar.at[slot])
-        dv = mma.accumulate(dv, p.astype(dtype), do_smem.at[slot], stage)
-        dp = mma.fresh(shape, vs, do_smem.at[slot].transpose((1, 0)))  # dP^T
+        dv, dp = mma.accumulate_and_product(                            # dV, dP^T
+            dv, p.astype(dtype), do_smem.at[slot], stage, shape, vs,
+            do_smem.at[slot].transpose((1, 0)))
         plgpu.barrier_wait(delta_bar.at[slot])
         dlt = plgpu.load(delta_smem.at[slot], layout=cols_l)
         ds = p * (dp - lax.broadcast_in_dim(dlt, shape, [1]))
@@ -530,7 +543,8 @@ def _pad_to(x, axis: int, multiple: int, value=0):
 def flash_attention_bwd_gpu(q, k, v, o, lse, do, *, segment_ids=None, causal: bool,
                             window: int | None, dense_mask=None,
                             logit_soft_cap: float | None = None, sm_scale: float | None = None,
-                            block_sizes: BlockSizes, interpret=None):
+                            block_sizes: BlockSizes, interpret=None,
+                            layouts: tuple[layout_lib.KernelLayout, ...] | None = None):
   """Gradients of flash attention with the Mosaic GPU dQ and dK/dV kernels.
 
   Args:
@@ -543,6 +557,7 @@ def flash_attention_bwd_gpu(q, k, v, o, lse, do, *, segment_ids=None, causal: bo
     block_sizes: ``bwd`` = (queries per dQ CTA, keys per dK/dV CTA), each 64 or 128;
       ``num_stages`` is the depth of both rings.
     interpret: None on a GPU; ``plgpu.InterpretGPUParams`` to run on CPU.
+    layouts: ``backward_layouts(...)`` of these arguments if already built.
 
   Returns:
     ``(dq, dk, dv)`` shaped and typed like q, k, v. Raises ValueError when
@@ -550,8 +565,9 @@ def flash_attention_bwd_gpu(q, k, v, o, lse, do, *, segment_ids=None, causal: bo
   """
   b, q_len, h, d = q.shape
   kv_len, hkv = k.shape[1], k.shape[2]
-  layouts = backward_layouts(q_len, kv_len, block_sizes, causal=causal, window=window,
-                             dense_mask=dense_mask)
+  if layouts is None:
+    layouts = backward_layouts(q_len, kv_len, block_sizes, causal=causal, window=window,
+                               dense_mask=dense_mask)
   reason = supported_backward(q, k, block_sizes=block_sizes, layouts=layouts)
   if reason is not None:
     raise ValueError(f"Mosaic GPU flash attention backward does not support {reason}")
