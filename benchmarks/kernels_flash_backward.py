@@ -1,7 +1,8 @@
 r"""Flash-attention backward on GPU: the Mosaic GPU kernels vs XLA vs cuDNN (check + timing).
 
-Usage (GPU; about 60 s on an H200 with ``--quick``):
+Usage (GPU; about 60-90 s on an H200 with ``--quick``):
   PYTHONPATH=. python3 benchmarks/kernels_flash_backward.py --quick
+  PYTHONPATH=. python3 benchmarks/kernels_flash_backward.py --check-only   # exit 2 on failure
 
 ``run(quick)`` returns a markdown section (the caller decides where it goes):
 
@@ -231,5 +232,9 @@ def run(quick: bool) -> str:
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="causal only, no tile variants")
-  print(run(parser.parse_args().quick))
+  parser.add_argument("--quick", action="store_true", help="causal only, one tile variant")
+  parser.add_argument("--check-only", action="store_true", help="only the correctness checks")
+  cli = parser.parse_args()
+  if cli.check_only:
+    sys.exit(0 if check(cli.quick)[1] else 2)
+  print(run(cli.quick))
