@@ -658,9 +658,12 @@ class LinearAttention(nn.Module):
         feature maps ("elu", "relu", "taylor", "performer") with decay "none"/"retnet"/"gla".
       - ``impl="pallas"``: the chunked computations (``form="chunked"`` without a cache, and
         the chunked prefill into a cache) run the Pallas kernel
-        (``effx.pallas_kernels.linear_attention``: TPU kernel, interpret mode on CPU, XLA on
-        GPU) for decay "none" / "retnet" / "gla"; the other forms and the decode / tree paths
-        stay XLA. Not with ``decay="delta"``.
+        (``effx.pallas_kernels.linear_attention``: the TPU kernel on TPU and, interpreted, on
+        CPU; on GPU the Mosaic GPU kernel for decay "none"/"retnet" with a 16-bit ``dtype`` and
+        ``chunk_size=64``, XLA otherwise) for decay "none" / "retnet" / "gla"; with a 16-bit
+        ``dtype`` the kernel's q/k/v inputs are cast to it (state and accumulation stay
+        float32). The other forms and the decode / tree paths stay XLA. Not with
+        ``decay="delta"``.
       - ``output_norm`` (per-head RMSNorm with a learned ``[d_v]`` scale before the output
         projection): any combination, alone or with the denominator.
       - ``stream_block`` (a multiple of ``chunk_size``, or None): without a cache and with
@@ -775,6 +778,8 @@ class LinearAttention(nn.Module):
             return linear_attention_chunked(q, k, v, chunk_size=chunk_size, **kwargs)
         from effx.pallas_kernels import linear_attention as kernel
         kwargs.pop("beta", None)  # None: the kernel has no delta rule (checked in __post_init__)
+        if jnp.dtype(self.dtype).itemsize == 2:  # 16-bit compute: the kernel's matmul operands
+            q, k, v = (a.astype(self.dtype) for a in (q, k, v))
         blocks = kernel.BlockSizes(chunk_size=chunk_size, sub_chunk=_sub_chunk_size(chunk_size))
         return kernel.linear_attention(q, k, v, block_sizes=blocks, impl="pallas", **kwargs)
 

@@ -25,7 +25,8 @@ is dropped:
       vs ~1.4-1.75x for one batched matmul over all bound blocks with per-block gathered
       weights and ~6-7x for `ragged_dot` (benchmarks/moe.py);
     - "pallas": `effx.pallas_kernels.grouped_matmul.grouped_matmul(impl="pallas")` (the TPU
-      kernel; interpreted on CPU, ragged_dot with a warning on GPU);
+      kernel, interpreted on CPU; the Mosaic GPU kernel on GPU for 16-bit inputs, ragged_dot
+      with a warning for float32);
     - "auto": "ragged" on TPU/GPU, "blocked" on CPU.
 
 Shapes: x [T, embed]; expert weights wi [E, embed, 2, mlp] (gate, up) and wo [E, mlp, embed];

@@ -178,7 +178,7 @@ def test_decay_kind_and_input_errors():
   with pytest.raises(ValueError, match="impl"):
     lak.linear_attention(q, q, v, impl="triton")
   with pytest.raises(ValueError, match="backend"):
-    lak.linear_attention(q, q, v, impl="pallas", backend="gpu")
+    lak.linear_attention(q, q, v, impl="pallas", backend="cuda")
 
 
 def test_block_sizes_validation_and_defaults():
