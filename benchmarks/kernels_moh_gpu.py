@@ -155,6 +155,15 @@ def _time(fn, *args, rounds: int = 3, min_time: float = 0.05) -> float:
   return best
 
 
+def _time_or_none(name, fn, *args) -> float | None:
+  try:
+    return _time(fn, *args)
+  except Exception as e:  # noqa: BLE001 -- any failure must be loud
+    traceback.print_exc()
+    _banner(f"MOH GPU KERNEL FAILED IN TIMING {name}: {type(e).__name__}: {str(e)[:1000]}")
+    return None
+
+
 def _row(cells) -> str:
   return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -190,13 +199,8 @@ def timings(lengths) -> list[str]:
     for frac in FRACTIONS:
       q, k, v, gates, active, dy = _inputs(0, b, t, HEADS, HEADS, HEAD_DIM, bs.block_q, frac)
       flops = 2 * 2 * b * HEADS * t * t / 2 * HEAD_DIM * frac
-      try:
-        kf = _time(ker_fwd, q, k, v, gates, active)
-        kb = _time(ker_both, q, k, v, gates, active, dy)
-      except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        _banner(f"MOH GPU KERNEL FAILED IN TIMING T={t}: {type(e).__name__}: {str(e)[:1000]}")
-        kf = kb = None
+      kf = _time_or_none(f"kernel fwd T={t}", ker_fwd, q, k, v, gates, active)
+      kb = _time_or_none(f"kernel fwd+bwd T={t}", ker_both, q, k, v, gates, active, dy)
       if xla is None:   # the dense reference's time does not depend on the activity
         try:
           xla = (_time(ref_fwd, q, k, v, gates, active),

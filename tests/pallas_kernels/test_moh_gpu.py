@@ -237,6 +237,11 @@ def test_entry_point_dispatch_and_fallback():
   _check_close("f32-fallback", got, mk.moh_attention_reference(q32, k32, v32, gates), 1e-6)
   assert "head_dim" in mk.fallback_reason("pallas", "gpu", q=q[..., :48], k=k[..., :48])
   assert "block_q" in mk.fallback_reason("pallas", "gpu", q=q, block_sizes=BlockSizes(32, 64))
+  big = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)
+  assert "shared memory" in mk.fallback_reason("pallas", "gpu", q=big,
+                                               block_sizes=BlockSizes(128, 256))
+  assert mk.fallback_reason("pallas", "gpu", q=big, block_sizes=BlockSizes.for_device(
+      "NVIDIA H100 80GB HBM3", 256)) is None
   with pytest.raises(ValueError, match="num_stages"):
     BlockSizes(num_stages=1)
   assert BlockSizes.for_device("NVIDIA H200", 256).block_k == 64

@@ -53,6 +53,7 @@ DKV_BLOCK_K = 128     # keys per dK/dV CTA (two compute warpgroups)
 DKV_BLOCK_Q = 64      # query rows per dK/dV step
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
+SMEM_BYTES = 227 * 1024   # Hopper's shared memory per CTA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,17 @@ def supported(q, k, *, block_sizes: BlockSizes) -> str | None:
     return f"block_q {block_sizes.block_q} (GPU kernel: 64 or 128)"
   if block_sizes.block_k % 64:
     return f"block_k {block_sizes.block_k} (GPU kernel: a multiple of 64)"
+  need = _fwd_smem_bytes(block_sizes, d, jnp.dtype(q.dtype).itemsize)
+  if need > SMEM_BYTES:
+    return (f"block_k {block_sizes.block_k} x num_stages {block_sizes.num_stages} at head_dim "
+            f"{d} needs {need} bytes of shared memory (> {SMEM_BYTES})")
   return None
+
+
+def _fwd_smem_bytes(bs: BlockSizes, d: int, itemsize: int) -> int:
+  """Shared memory of the forward kernel: Q tiles, the K/V ring, lse and segment ids."""
+  return ((bs.block_q + 2 * bs.num_stages * bs.block_k) * d * itemsize
+          + bs.block_q * 8 + bs.num_stages * bs.block_k * 4)
 
 
 def backward_supported(q) -> str | None:
@@ -143,23 +154,17 @@ def _scores(raw, st: _Static):
   return th * (st.cap * LOG2E), th
 
 
-def _mask(s, row0, col0, *, keys_on_rows: bool, row_ids=None, col_ids=None):
-  """Causal (+ segment) mask of a WGMMA-layout tile whose rows start at position ``row0`` and
-  columns at ``col0``; rows are queries (or keys if ``keys_on_rows``)."""
-  shape = s.shape
-  rows = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-  cols = col0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  keep = rows <= cols if keys_on_rows else cols <= rows
-  if row_ids is not None:
-    same = (lax.broadcast_in_dim(row_ids, shape, [0])
-            == lax.broadcast_in_dim(col_ids, shape, [1]))
-    keep = jnp.logical_and(keep, same)
-  return jnp.where(keep, s, -jnp.inf)
+def _causal(s, row0, col0, *, keys_on_rows: bool):
+  """Causal mask of a WGMMA-layout tile whose rows start at position ``row0`` and columns at
+  ``col0``; rows are queries (or keys if ``keys_on_rows``)."""
+  rows = row0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+  cols = col0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+  return jnp.where(rows <= cols if keys_on_rows else cols <= rows, s, -jnp.inf)
 
 
 def _masked(s, full, row0, col0, *, keys_on_rows: bool, row_ids=None, col_ids=None):
   """The causal mask applied only when the tile is not ``full`` (segments always)."""
-  causal = lambda x: _mask(x, row0, col0, keys_on_rows=keys_on_rows)
+  causal = lambda x: _causal(x, row0, col0, keys_on_rows=keys_on_rows)
   s = lax.cond(full, lambda x: x, causal, s)
   if row_ids is not None:
     same = (lax.broadcast_in_dim(row_ids, s.shape, [0])
