@@ -143,7 +143,6 @@ def test_causal_f16_ragged_two_warpgroups():
   _compare(q, k, v, do, block_sizes=BlockSizes(128, 128), causal=True)
 
 
-@pytest.mark.slow
 def test_window_segments_soft_cap_mqa():
   lq, lk = 130, 190
   q, k, v, do = _inputs(2, 1, lq, lk, 2, 1, 64, jnp.bfloat16)
