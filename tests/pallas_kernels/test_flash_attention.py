@@ -285,7 +285,7 @@ def test_gpu_kernel_block_sparse_and_grad():
   ro, rvjp = jax.vjp(ref, q, k, v)
   _check_close("o", o, ro, 2e-2)
   for name, g, r in zip(("dq", "dk", "dv"), grads, rvjp(do)):
-    _check_close(name, g, r, 1e-6)   # the GPU backward IS the reference gradient
+    _check_close(name, g, r, 2e-2)   # Mosaic GPU backward kernels (bf16 P and dS)
 
 
 # ------------------------------------------------------------------------------------------------

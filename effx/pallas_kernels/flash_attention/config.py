@@ -15,8 +15,9 @@ class BlockSizes:
       compute warpgroups of 64 rows each.
     block_k: keys per forward tile. TPU: a multiple of 128 on hardware (any multiple of 8 in
       interpret mode). GPU: a multiple of 64.
-    block_q_bwd, block_k_bwd: the same for the TPU backward kernels (dQ and dK/dV share one
-      tiling); None = the forward values.
+    block_q_bwd, block_k_bwd: the backward tiling; None = the forward values. TPU: the dQ
+      and dK/dV kernels share it. GPU: query rows per dQ CTA and keys per dK/dV CTA, 64 or
+      128 each (one or two warpgroups).
     num_stages: GPU only, K/V tiles in flight (shared-memory ring buffer depth, >= 2).
   """
   block_q: int = 128
