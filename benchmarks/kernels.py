@@ -6,6 +6,14 @@ Usage:
   python benchmarks/kernels.py --platform cpu             # XLA paths only (see below)
   options: --no-write (do not append to BENCHMARKS.md), --check-only
   python benchmarks/kernels.py --decode-gmm               # decode attention + grouped matmul
+  python benchmarks/kernels.py --op flash_bwd|linear|moh|gmm [--quick]   # GPU kernel sections
+
+``--op`` runs one of the Mosaic GPU kernel benchmarks (each module's docstring says what it
+measures): ``flash_bwd`` (benchmarks/kernels_flash_backward.py, flash attention forward +
+backward), ``linear`` (kernels_linear_gpu.py, chunked linear attention), ``moh``
+(kernels_moh_gpu.py, head-sparse mixture-of-heads attention), ``gmm`` (kernels_gmm_gpu.py,
+grouped matmul vs ragged_dot). Each prints correctness checks first, then timings, and its
+section is appended to BENCHMARKS.md.
 
 On a GPU/TPU the script first checks the kernel against the reference on a few awkward
 configurations (lengths that are not tile multiples, GQA, window + soft-cap + segment ids, a
@@ -43,6 +51,14 @@ PEAK_BF16 = {  # dense bf16 TFLOP/s by device-kind substring (vendor datasheets)
 }
 
 
+GPU_OPS = {  # --op -> (benchmark module, BENCHMARKS.md section title)
+    "flash_bwd": ("benchmarks.kernels_flash_backward", "Flash attention forward + backward"),
+    "linear": ("benchmarks.kernels_linear_gpu", "Chunked linear attention kernels"),
+    "moh": ("benchmarks.kernels_moh_gpu", "Head-sparse MoH attention kernels"),
+    "gmm": ("benchmarks.kernels_gmm_gpu", "Grouped matmul kernels"),
+}
+
+
 def _parse():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--platform", choices=["cpu", "gpu", "tpu"], default=None,
@@ -52,6 +68,8 @@ def _parse():
   p.add_argument("--check-only", action="store_true", help="only the correctness checks")
   p.add_argument("--decode-gmm", action="store_true",
                  help="only the decode-attention and grouped-matmul section (see its docstring)")
+  p.add_argument("--op", choices=sorted(GPU_OPS), default=None,
+                 help="one Mosaic GPU kernel benchmark instead of the flash forward")
   return p.parse_args()
 
 
@@ -284,7 +302,7 @@ def bench_decode_gmm(platform: str) -> str:
   "XLA dense mask" is MultiHeadAttention's own cached path (dense [b, h, T, max_len] scores);
   effx.moe "blocked" is the dropless CPU path. On CPU the Pallas kernels only run in interpret
   mode, whose timing is not meaningful: only the XLA paths are timed (smaller shapes, float32).
-  On GPU there is no grouped-matmul kernel (ragged_dot is the GPU path).
+  On GPU the grouped-matmul kernel vs ragged_dot comparison is ``--op gmm``.
   """
   from effx.attention.dot_product import dot_product_attention
   from effx.moe.dispatch import grouped_matmul as moe_grouped_matmul
@@ -363,6 +381,14 @@ def main():
     _banner(f"asked for --platform {ARGS.platform} but JAX runs on {platform}")
     sys.exit(2)
   print(f"jax {jax.__version__} on {platform}: {jax.devices()[0].device_kind}", flush=True)
+  if ARGS.op is not None:
+    module_name, title = GPU_OPS[ARGS.op]
+    import importlib
+    body = importlib.import_module(module_name).run(ARGS.quick)
+    print("\n" + body, flush=True)
+    if not ARGS.no_write:
+      append_section(f"{title} ({platform}{', quick' if ARGS.quick else ''})", body)
+    return
   if ARGS.decode_gmm:
     body = bench_decode_gmm(platform)
     print("\n" + body)
