@@ -1,5 +1,10 @@
 """Tests for the Mosaic GPU grouped matmul (effx/pallas_kernels/grouped_matmul/gpu.py).
 
+``test_cuda_lowering_*`` lower the kernels for CUDA on this CPU machine (Pallas -> Mosaic GPU,
+layout inference included; no PTX, nothing runs): this is where a TMA window whose start the
+layout inference cannot prove tile-aligned, or a global array the TMA tiling does not divide,
+fails, which GPU interpret mode does not check.
+
 The kernels run in GPU interpret mode on CPU with the race detector on and uninitialised memory
 poisoned with NaN, and are compared with ``jax.lax.ragged_dot``: values and the gradients
 w.r.t. lhs and rhs (the rhs gradient also with the independent segment-sum reference).
@@ -9,6 +14,8 @@ summation order). float32 inputs are not a Mosaic GPU dtype: the entry point fal
 """
 
 from __future__ import annotations
+
+import re
 
 import hypothesis
 import hypothesis.strategies as st
@@ -144,6 +151,56 @@ def test_gpu_kernel_empty_and_tiny(sizes, m):
 
 
 # ------------------------------------------------------------------------------------------------
+# Lowering for CUDA (on CPU: what interpret mode does not check)
+# ------------------------------------------------------------------------------------------------
+
+
+def _cuda_lowering_unavailable() -> str | None:
+  try:
+    import jax.experimental.mosaic.gpu  # noqa: F401
+    jax.jit(lambda a: a + 1).trace(jnp.zeros(8)).lower(lowering_platforms=("cuda",))
+  except Exception as e:  # noqa: BLE001 -- any failure here means "cannot lower for cuda"
+    return f"cannot lower for cuda in this environment ({type(e).__name__}: {e})"
+  return None
+
+
+@pytest.mark.parametrize("m,k,n,g,bs", [
+    (1003, 256, 192, 5, BlockSizes.for_device("NVIDIA H200", 1003, 256, 192)),   # M % 8 = 3
+    (40, 128, 128, 8, BlockSizes.for_device("NVIDIA H200", 40, 128, 128)),       # decode-sized
+    (16347, 2048, 1408, 8, BlockSizes.for_device("NVIDIA H200", 16347, 2048, 1408)),
+    (203, 128, 192, 3, BlockSizes(128, 64, 128, 3)),   # the f16 test's tiles
+])
+def test_cuda_lowering_forward_and_backward(m, k, n, g, bs):
+  """Forward and both gradients lower for CUDA: one Mosaic GPU call each (gmm, gmm with the
+  weights transposed, tgmm), at M not a multiple of 8 (or below one tile)."""
+  reason = _cuda_lowering_unavailable()
+  if reason is not None:
+    pytest.skip(reason)
+  x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((g, k, n), jnp.bfloat16)
+  gs = jax.ShapeDtypeStruct((g,), jnp.int32)
+
+  def loss(x, w, gs):
+    out = gm_gpu.grouped_matmul_gpu(x, w, gs, block_sizes=bs)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  for fn, calls in ((lambda x, w, gs: gm_gpu.grouped_matmul_gpu(x, w, gs, block_sizes=bs), 1),
+                    (jax.value_and_grad(loss, argnums=(0, 1)), 3)):
+    text = jax.jit(fn).trace(x, w, gs).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == calls
+
+
+def test_kernels_reject_unaligned_rows():
+  gs = jnp.array([3, 4], jnp.int32)
+  lhs, rhs, dout = _inputs(0, 130, 64, 64, 2, jnp.bfloat16)
+  sched = gm_gpu.make_schedule(gs, 130, 64)
+  with pytest.raises(ValueError, match="M=130"):
+    gm_gpu.gmm(lhs, rhs, sched, block_sizes=SMALL)
+  with pytest.raises(ValueError, match="M=130"):
+    gm_gpu.tgmm(lhs, dout, sched[0], 2, block_sizes=SMALL)
+
+
+# ------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------
 
@@ -173,4 +230,4 @@ def test_entry_point_gpu_backend():
     gm_gpu.grouped_matmul_gpu(x32, w32, gs)
   with pytest.raises(ValueError, match="num_stages"):
     BlockSizes(num_stages=0)
-  assert BlockSizes.for_device("NVIDIA H200", 4096, 2048, 1408) == BlockSizes(128, 64, 128, 4)
+  assert BlockSizes.for_device("NVIDIA H200", 4096, 2048, 1408) == BlockSizes(128, 64, 128, 5)

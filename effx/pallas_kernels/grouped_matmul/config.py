@@ -43,12 +43,13 @@ class BlockSizes:
     TPU: 512-row tiles (fewer, larger MXU passes; megablox's tuned tables sit around 512 x
     1024 x 1024 for large MoE layers), 1024-wide K/N tiles where they divide, else 512 / 256 /
     128. GPU (any NVIDIA kind, or "gpu"): 128 rows, contraction steps of 64, 128-wide output
-    tiles, 4 stages (the Mosaic GPU kernel's roles, class docstring). Unknown devices (CPU
-    included) get 128 x 128 x 128.
+    tiles, 5 stages (the Mosaic GPU kernel's roles, class docstring; H200 sweep of the forward
+    at M 65536, 2048 -> 1408, 8 experts: 5 stages 0.858 ms, 4 stages 0.912, 2 stages 1.002;
+    128-row steps 1.390, 64 x 256 tiles 1.547). Unknown devices (CPU included) get 128^3.
     """
     kind = device_kind.lower()
     if kind == "gpu" or "nvidia" in kind or kind.startswith(("h100", "h200", "h800")):
-      return cls(block_m=128, block_k=64, block_n=128, num_stages=4)
+      return cls(block_m=128, block_k=64, block_n=128, num_stages=5)
     if "tpu" not in kind:
       return cls()
 

@@ -18,9 +18,14 @@ those rows on load and drops them on store.
 
 ``tgmm`` (weight gradient ``out[g] = lhs_g^T @ dout_g``): one CTA per (N tile, K tile, group),
 contracting over the group's rows in steps of ``block_k`` rows that start at the group's first
-row (not at a tile boundary), so only the last step can hold rows of the next group (or rows
-past M, which TMA zero-fills); that step's rows are zeroed in shared memory (a select, so
-non-finite values in other groups cannot leak) before its WGMMA. Empty groups get zeros.
+row rounded down to a multiple of 8 (TMA tiles global arrays in 8-row tiles, so a window must
+start on one; ``pl.multiple_of`` tells the layout inference), so only the first step can hold
+rows of the previous group and only the last rows of the next group (or rows past M, which TMA
+zero-fills); those steps' foreign rows are zeroed in shared memory (a select, so non-finite
+values in other groups cannot leak) before their WGMMA. Empty groups get zeros.
+
+The kernels take M a multiple of 8 (same tiling); ``grouped_matmul_gpu`` zero-pads M to one
+and slices the result.
 
 Limits (``supported``): bf16/f16, K and N multiples of 64; M arbitrary. GPU interpret mode
 (``plgpu.InterpretGPUParams``) runs the same kernels on CPU.
@@ -39,6 +44,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from effx.pallas_kernels.grouped_matmul.config import BlockSizes
 
 SWIZZLE_BYTES = 128
+ROW_ALIGN = 8   # rows of the (8, 128 bytes) TMA tiling: row starts and M are multiples
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -81,6 +87,12 @@ def _transforms(dtype) -> tuple:
   return plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(SWIZZLE_BYTES)
 
 
+def _check_rows(m: int, tile: int) -> None:
+  if m % ROW_ALIGN or m < tile:
+    raise ValueError(f"lhs rows M={m}: the kernels need a multiple of {ROW_ALIGN} and at "
+                     f"least one {tile}-row window (grouped_matmul_gpu pads M)")
+
+
 def _fit(dim: int, tile: int) -> int:
   """``tile`` if it divides ``dim``, else 64 (``supported`` requires dim % 64 == 0)."""
   return tile if dim % tile == 0 else 64
@@ -102,7 +114,8 @@ def gmm(lhs, rhs, schedule, *, block_sizes: BlockSizes, out_dtype=None,
   """``out[r] = lhs[r] @ rhs[g]`` (``rhs[g]^T`` if transpose_rhs) for the rows r of group g.
 
   Args:
-    lhs: ``[M, C]`` bf16/f16; rhs ``[G, C, O]`` (``[G, O, C]`` if transpose_rhs), same dtype.
+    lhs: ``[M, C]`` bf16/f16, M a multiple of ``ROW_ALIGN`` and >= block_m; rhs ``[G, C, O]``
+      (``[G, O, C]`` if transpose_rhs), same dtype.
     schedule: ``make_schedule(group_sizes, M, block_sizes.block_m)``.
     block_sizes: block_m rows, block_k contraction step, block_n output columns (each 64
       where it does not divide its dimension); num_stages pipeline depth.
@@ -113,6 +126,7 @@ def gmm(lhs, rhs, schedule, *, block_sizes: BlockSizes, out_dtype=None,
     ``[M, O]``; rows past ``sum(group_sizes)`` are 0.
   """
   m, c = lhs.shape
+  _check_rows(m, block_sizes.block_m)
   o = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   out_dtype = jnp.dtype(out_dtype or lhs.dtype)
   tm, tc, to = block_sizes.block_m, _fit(c, block_sizes.block_k), _fit(o, block_sizes.block_n)
@@ -187,47 +201,52 @@ def tgmm(lhs, dout, offsets, num_groups: int, *, block_sizes: BlockSizes, out_dt
   """``out[g] = lhs[rows of g]^T @ dout[rows of g]`` -> ``[G, K, N]`` (0 for empty groups).
 
   Args:
-    lhs: ``[M, K]``, dout ``[M, N]``, bf16/f16 (same dtype).
+    lhs: ``[M, K]``, dout ``[M, N]``, bf16/f16 (same dtype), M a multiple of ``ROW_ALIGN``
+      and >= block_k.
     offsets: int32 ``[G + 1]`` group row offsets (``make_schedule(...)[0]``).
     block_sizes: block_k rows per contraction step, block_n the output tile along K and N (64
       where it does not divide); num_stages pipeline depth.
     out_dtype: default lhs.dtype (float32 accumulation).
   """
   m, k = lhs.shape
+  _check_rows(m, block_sizes.block_k)
   n = dout.shape[1]
   out_dtype = jnp.dtype(out_dtype or lhs.dtype)
   tr_rows, tk, tn = block_sizes.block_k, _fit(k, block_sizes.block_n), _fit(n, block_sizes.block_n)
   stages = max(2, block_sizes.num_stages)
   in_tr, out_tr = _transforms(lhs.dtype), _transforms(out_dtype)
 
-  def mask_rows(ref, valid):
-    shape = ref.shape
-    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+  def mask_rows(ref, lo, hi):
+    """Zero the rows of ``ref`` outside ``[lo, hi)`` (a select: NaNs there do not leak)."""
+    rows = plgpu.broadcasted_iota(jnp.int32, ref.shape, 0, layout=plgpu.Layout.WGMMA)
     val = plgpu.load(ref, layout=plgpu.Layout.WGMMA)
-    ref[...] = jnp.where(rows < valid, val, jnp.zeros_like(val))
+    ref[...] = jnp.where((rows >= lo) & (rows < hi), val, jnp.zeros_like(val))
 
   def kernel(offsets_ref, lhs_ref, dout_ref, out_ref, o_smem):
     nt, kt, g = lax.axis_index("n"), lax.axis_index("k"), lax.axis_index("g")
-    start = offsets_ref[g]
-    size = offsets_ref[g + 1] - start
-    steps = lax.div(size + (tr_rows - 1), jnp.int32(tr_rows))
+    start, end = offsets_ref[g], offsets_ref[g + 1]
+    # TMA windows start on a tiling row (ROW_ALIGN): the first step may hold rows of the
+    # previous group, the last rows of the next group (or past M, zero-filled by TMA).
+    base = pl.multiple_of(start - lax.rem(start, jnp.int32(ROW_ALIGN)), ROW_ALIGN)
+    steps = lax.div(end - base + (tr_rows - 1), jnp.int32(tr_rows))
 
     def acc_scope(acc_ref):
       def step(idx, x_smem, d_smem):
         (i,) = idx
 
-        @pl.when(i == steps - 1)
+        @pl.when(((i == 0) & (start > base)) | (i == steps - 1))
         def _():
-          valid = size - i * tr_rows
-          mask_rows(x_smem, valid)
-          mask_rows(d_smem, valid)
+          lo, hi = start - base - i * tr_rows, end - base - i * tr_rows
+          mask_rows(x_smem, lo, hi)
+          mask_rows(d_smem, lo, hi)
           plgpu.commit_smem()
 
         _mma_body(acc_ref, 1, a_transpose=True)(idx, x_smem, d_smem)
 
-      @pl.when(size > 0)
+      @pl.when(end > start)
       def _():
-        # Static-size windows starting at the group's first row; steps never pass its end.
+        # Static-size windows from ``base``; the views may extend past M (never read there
+        # but by TMA, which zero-fills out-of-bounds rows).
         plgpu.emit_pipeline(
             step, grid=(steps,),
             in_specs=[plgpu.BlockSpec((tr_rows, tk), lambda i: (i, kt), transforms=in_tr,
@@ -235,7 +254,7 @@ def tgmm(lhs, dout, offsets, num_groups: int, *, block_sizes: BlockSizes, out_dt
                       plgpu.BlockSpec((tr_rows, tn), lambda i: (i, nt), transforms=in_tr,
                                       delay_release=1)],
             max_concurrent_steps=stages,
-        )(lhs_ref.at[pl.ds(start, m)], dout_ref.at[pl.ds(start, m)])
+        )(lhs_ref.at[pl.ds(base, m)], dout_ref.at[pl.ds(base, m)])
 
       return acc_ref[...]
 
@@ -269,7 +288,8 @@ def grouped_matmul_gpu(lhs, rhs, group_sizes, *, block_sizes: BlockSizes | None 
 
   Returns:
     ``[M, N]``; rows past ``sum(group_sizes)`` are 0. Differentiable in lhs and rhs.
-    Raises ValueError when ``supported`` gives a reason. M below one tile is zero-padded.
+    Raises ValueError when ``supported`` gives a reason. M is zero-padded to a multiple of 8
+    and to at least one tile (kernels' limits), the output sliced back.
   """
   bs = block_sizes or BlockSizes.for_device("gpu", lhs.shape[0], lhs.shape[1], rhs.shape[2])
   reason = supported(lhs, rhs, block_sizes=bs)
@@ -280,10 +300,11 @@ def grouped_matmul_gpu(lhs, rhs, group_sizes, *, block_sizes: BlockSizes | None 
   num_groups = rhs.shape[0]
   call = functools.partial(gmm, block_sizes=bs, interpret=interpret)
 
-  # Fewer rows than one tile (decoding): pad to one tile so that no TMA window is larger
-  # than its array; the padded rows are past sum(group_sizes), hence 0, and sliced off.
+  # Pad M to a multiple of ROW_ALIGN (TMA tiles global arrays in 8-row tiles) and to at
+  # least one tile (decoding: no TMA window larger than its array); the padded rows are past
+  # sum(group_sizes), hence 0, and sliced off.
   m = lhs.shape[0]
-  rows = max(m, bs.block_m, bs.block_k)
+  rows = -(-max(m, bs.block_m, bs.block_k) // ROW_ALIGN) * ROW_ALIGN
 
   @jax.custom_vjp
   def f(x, w, gs):
