@@ -1,8 +1,9 @@
 r"""Grouped matmul (dropless MoE) on GPU: the Mosaic GPU kernel vs jax.lax.ragged_dot vs dense.
 
 Usage:
-  python benchmarks/kernels_gmm_gpu.py --quick     # correctness + 4 MoE shapes + sweep
-  python benchmarks/kernels_gmm_gpu.py             # all 16 shapes
+  python benchmarks/kernels_gmm_gpu.py --quick     # correctness + 4 MoE shapes (~1 min, H200)
+  python benchmarks/kernels_gmm_gpu.py             # all 16 shapes + block-size sweep
+  --budget S: start no further shape (or sweep entry) after S seconds; skipped ones are listed.
   On CPU the same code runs at toy shapes with the kernel interpreted (a smoke test; the
   timings mean nothing there).
 
@@ -20,8 +21,10 @@ d_lhs and d_rhs) of:
   capacity-style execution at capacity factor 1.0 (same flops; independent of the group
   sizes, so it is timed once per shape).
 TFLOP/s counts 2 M K N for the forward and 6 M K N for forward + backward; % of the dense bf16
-peak (H100/H200 SXM: 989 TFLOP/s). A short block-size sweep of our forward follows.
-Time = min over 3 rounds of back-to-back calls. Any failure is reported in its cell (and its
+peak (H100/H200 SXM: 989 TFLOP/s). Without --quick, a short block-size sweep of our forward
+follows (the default, ``BlockSizes.for_device``, first).
+Time = min over 3 rounds of back-to-back calls. Each row is printed (with the elapsed seconds)
+as soon as it is measured. Any failure is reported in its cell (and its
 message printed), so one run also diagnoses a kernel that does not compile. Rows are printed as
 they are measured; the markdown is printed again at the end.
 """
@@ -46,8 +49,8 @@ from effx.pallas_kernels.grouped_matmul.config import BlockSizes  # noqa: E402
 
 PEAK = {"h100": 989.0, "h200": 989.0, "h800": 989.0}   # dense bf16 TFLOP/s, SXM datasheets
 MODELS = ((2048, 1408), (4096, 1792))
-SWEEP = (BlockSizes(128, 64, 128, 4), BlockSizes(128, 64, 128, 5), BlockSizes(64, 64, 256, 4),
-         BlockSizes(128, 128, 128, 2), BlockSizes(128, 64, 128, 2))
+SWEEP = (BlockSizes.for_device("gpu", 0, 0, 0), BlockSizes(128, 64, 128, 4),
+         BlockSizes(128, 64, 128, 6), BlockSizes(128, 128, 128, 2))
 
 
 def _peak() -> float | None:
@@ -159,7 +162,7 @@ def correctness(m: int, k: int, n: int, e: int) -> list[str]:
   return rows
 
 
-def run(quick: bool) -> str:
+def run(quick: bool, budget: float | None = None) -> str:
   """Markdown: correctness, then timings (module docstring)."""
   on_gpu = jax.default_backend() == "gpu"
   peak = _peak()
@@ -189,9 +192,24 @@ def run(quick: bool) -> str:
   out += ["", "### Timings (bf16)", "",
           "| M | K -> N | E | groups | impl | fwd ms | fwd TFLOP/s | fwd % peak | fwd+bwd ms "
           "| fwd+bwd TFLOP/s | fwd+bwd % peak |", "|---" * 11 + "|"]
+  t_start = time.perf_counter()
+
+  def over_budget(what: str) -> bool:
+    if budget is None or time.perf_counter() - t_start < budget:
+      return False
+    out.append(f"| {what}: skipped (--budget {budget:g} s spent) |")
+    print(out[-1], flush=True)
+    return True
+
+  def emit(row: str):
+    out.append(row)
+    print(f"{row}  [{time.perf_counter() - t_start:.0f} s]", flush=True)
+
   dense_done = set()
   impls = (("ours", _ours()), ("ragged_dot", _ragged), ("dense einsum (C = M/E)", _dense))
   for m, (k, n), e, skew in shapes:
+    if over_budget(f"M{m} K{k} N{n} E{e} {'skewed' if skew else 'balanced'}"):
+      continue
     x, w, d = _inputs(m, k, n, e)
     gs = _sizes(m, e, skew)
     for name, f in impls:
@@ -205,13 +223,18 @@ def run(quick: bool) -> str:
       t_b = _cell(lambda: _time(both, x, w, gs, d))
       cells = [m, f"{k} -> {n}", e, "skewed" if skew else "balanced", name,
                *rate(t_f, 2 * m * k * n), *rate(t_b, 6 * m * k * n)]
-      out.append("| " + " | ".join(str(c) for c in cells) + " |")
-      print(out[-1], flush=True)
+      emit("| " + " | ".join(str(c) for c in cells) + " |")
+  if not quick and not over_budget("block-size sweep"):
+    out += sweep(on_gpu, rate)
+  return "\n".join(out)
 
+
+def sweep(on_gpu: bool, rate) -> list[str]:
+  """Markdown rows: our forward at one large shape under each of SWEEP's block sizes."""
   m, (k, n), e = (65536, MODELS[0], 8) if on_gpu else (256, (128, 128), 4)
-  out += ["", f"### Block-size sweep, our forward (M{m} K{k} N{n} E{e} balanced)", "",
-          "| block_m | block_k | block_n | stages | ms | TFLOP/s | % peak |",
-          "|---|---|---|---|---|---|---|"]
+  out = ["", f"### Block-size sweep, our forward (M{m} K{k} N{n} E{e} balanced)", "",
+         "| block_m | block_k | block_n | stages | ms | TFLOP/s | % peak |",
+         "|---|---|---|---|---|---|---|"]
   x, w, _ = _inputs(m, k, n, e)
   gs = _sizes(m, e, skewed=False)
   for bs in SWEEP if on_gpu else SWEEP[:1]:
@@ -219,12 +242,14 @@ def run(quick: bool) -> str:
     out.append(f"| {bs.block_m} | {bs.block_k} | {bs.block_n} | {bs.num_stages} | "
                + " | ".join(rate(t, 2 * m * k * n)) + " |")
     print(out[-1], flush=True)
-  return "\n".join(out)
+  return out
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--quick", action="store_true", help="4 shapes instead of 16")
+  p.add_argument("--quick", action="store_true", help="4 shapes instead of 16, no sweep")
+  p.add_argument("--budget", type=float, default=None,
+                 help="seconds after which no further shape is started")
   args = p.parse_args()
   dev = jax.devices()[0]
   print(f"# grouped matmul on {jax.default_backend()} ({dev.device_kind}), jax {jax.__version__}",
@@ -232,8 +257,8 @@ def main():
   if jax.default_backend() != "gpu":
     print("(no GPU: toy shapes, kernel interpreted, timings meaningless)", flush=True)
   t0 = time.perf_counter()
-  text = run(args.quick)
-  print(f"(total {time.perf_counter() - t0:.0f} s)")
+  text = run(args.quick, args.budget)
+  print(f"(total {time.perf_counter() - t0:.0f} s)", flush=True)
   print("\n" + text)
 
 
