@@ -127,19 +127,23 @@ def _col(x, shape):
 
 def _decay_mask(vec_s, doc_s, slot, st: _Static):
   """``(ok, D)`` for the ``[C, C]`` scores: ok = ``j <= i`` and same document (bool);
-  ``D_ij = 2^{b_i - b_j}`` where ok, else 0 (float32; None without decay)."""
+  ``D_ij = 2^{b_i - b_j}`` where ok, else 0 (float32; None without decay).
+
+  The row and column views of a vector are loaded from two shared-memory copies: loading one
+  ref in both layouts leaves Mosaic GPU's layout inference without a solution (it searches
+  for minutes, then fails)."""
   shape = (CHUNK, CHUNK)
   rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
   cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
   ok = cols <= rows
   if st.has_seg:
-    d_r = plgpu.load(doc_s.at[slot], layout=plgpu.Layout.WGMMA.reduce(1))
-    d_c = plgpu.load(doc_s.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+    d_r = plgpu.load(doc_s.at[0, slot], layout=plgpu.Layout.WGMMA.reduce(1))
+    d_c = plgpu.load(doc_s.at[1, slot], layout=plgpu.Layout.WGMMA.reduce(0))
     ok = jnp.logical_and(ok, _row(d_r, shape) == _col(d_c, shape))
   if not st.has_b:
     return ok, None
   b_r = plgpu.load(vec_s.at[0, slot], layout=plgpu.Layout.WGMMA.reduce(1))
-  b_c = plgpu.load(vec_s.at[0, slot], layout=plgpu.Layout.WGMMA.reduce(0))
+  b_c = plgpu.load(vec_s.at[1, slot], layout=plgpu.Layout.WGMMA.reduce(0))
   diff = jnp.where(ok, _row(b_r, shape) - _col(b_c, shape), 0.0)
   return ok, jnp.where(ok, jnp.exp2(diff), 0.0)
 
@@ -150,8 +154,11 @@ def _apply_mask(x, mask):
   return jnp.where(ok, x, 0.0) if d is None else x * d
 
 
-def _row_vec(vec_s, idx: int, slot):
-  return plgpu.load(vec_s.at[idx, slot], layout=plgpu.Layout.WGMMA.reduce(1))
+def _scale_vecs(vec_s, slot, st: _Static):
+  """``(rq, rk)``: float32 ``[C]`` per-row vectors (``Layout.WGMMA.reduce(1)``) of a slot."""
+  n = len(_vec_sources(st))
+  return tuple(plgpu.load(vec_s.at[i, slot], layout=plgpu.Layout.WGMMA.reduce(1))
+               for i in (n - 2, n - 1))
 
 
 def _lhs(value, scratch, st: _Static):
@@ -165,8 +172,46 @@ def _lhs(value, scratch, st: _Static):
 
 
 def _n_vecs(st: _Static) -> int:
-  """Per-token float32 vectors: [b (retnet)], rq, rk."""
+  """Per-token float32 vectors in GMEM: [b (retnet)], rq, rk."""
   return int(st.has_b) + 2 * int(st.has_scale)
+
+
+def _vec_sources(st: _Static) -> tuple[int, ...]:
+  """The GMEM vector behind each shared-memory vector: [b rows, b cols (retnet)], rq, rk."""
+  return ((0,) if st.has_b else ()) + tuple(range(_n_vecs(st)))
+
+
+def _fetch_vecs(vec_ref, doc_ref, vec_s, doc_s, vec_bar, doc_bar, bi, hi, rows, slot,
+                st: _Static):
+  """TMA of one chunk's per-token vectors and document ids (two copies: row/column view)."""
+  for i, src in enumerate(_vec_sources(st)):
+    plgpu.copy_gmem_to_smem(vec_ref.at[src, bi, hi, rows], vec_s.at[i, slot],
+                            vec_bar.at[i * 2 + slot])
+  if st.has_seg:
+    for view in range(2):
+      plgpu.copy_gmem_to_smem(doc_ref.at[bi, rows], doc_s.at[view, slot],
+                              doc_bar.at[view * 2 + slot])
+
+
+def _wait_vecs(vec_bar, doc_bar, slot, st: _Static):
+  for i in range(len(_vec_sources(st))):
+    plgpu.barrier_wait(vec_bar.at[i * 2 + slot])
+  if st.has_seg:
+    for view in range(2):
+      plgpu.barrier_wait(doc_bar.at[view * 2 + slot])
+
+
+def _vec_smem(st: _Static):
+  """(vec_s ``[n, 2 slots, C]`` float32, doc_s ``[2 views, 2 slots, C]`` int32) or Nones."""
+  n = len(_vec_sources(st))
+  return (plgpu.SMEM((n, 2, CHUNK), jnp.float32) if n else None,
+          plgpu.SMEM((2, 2, CHUNK), jnp.int32) if st.has_seg else None)
+
+
+def _vec_barriers(st: _Static):
+  n = len(_vec_sources(st))
+  return (plgpu.Barrier(num_barriers=2 * n) if n else None,
+          plgpu.Barrier(num_barriers=4) if st.has_seg else None)
 
 
 def _blk(ref, r: int, nb: int, axis: int):
@@ -229,19 +274,12 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
       plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_s.at[slot], q_bar.at[slot])
       plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_s.at[slot], k_bar.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi, cols], v_s.at[slot], v_bar.at[slot])
-      for i in range(nvec):
-        plgpu.copy_gmem_to_smem(vec_ref.at[i, bi, hi, rows], vec_s.at[i, slot],
-                                vec_bar.at[i * 2 + slot])
-      if st.has_seg:
-        plgpu.copy_gmem_to_smem(doc_ref.at[bi, rows], doc_s.at[slot], doc_bar.at[slot])
+      _fetch_vecs(vec_ref, doc_ref, vec_s, doc_s, vec_bar, doc_bar, bi, hi, rows, slot, st)
 
     def wait(slot):
       for bar in (q_bar, k_bar, v_bar):
         plgpu.barrier_wait(bar.at[slot])
-      for i in range(nvec):
-        plgpu.barrier_wait(vec_bar.at[i * 2 + slot])
-      if st.has_seg:
-        plgpu.barrier_wait(doc_bar.at[slot])
+      _wait_vecs(vec_bar, doc_bar, slot, st)
 
     fetch(0, 0)
     if st.has_s0:
@@ -270,9 +308,10 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
       for r in range(nb):
         qs = _mm(_blk(q_n, r, nb, 1), _blk(st_s, r, nb, 0), (CHUNK, TILE), st, acc=qs)
       if st.has_scale:
-        qs = qs * _row(_row_vec(vec_s, nvec - 2, slot), qs.shape)
-        vv = v_n[...].astype(jnp.float32)
-        vs_s[...] = (vv * _row(_row_vec(vec_s, nvec - 1, slot), vv.shape)).astype(dtype)
+        rq, rk = _scale_vecs(vec_s, slot, st)
+        qs = qs * _row(rq, qs.shape)
+        vv = plgpu.load(v_n, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+        vs_s[...] = (vv * _row(rk, vv.shape)).astype(dtype)
       y_s[...] = (y + qs).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(y_s, y_ref.at[bi, pl.ds(n * CHUNK, CHUNK), hi, cols])
@@ -308,8 +347,7 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
     smem = (plgpu.SMEM((2, CHUNK, dk), dtype, transforms=tiles),
             plgpu.SMEM((2, CHUNK, dk), dtype, transforms=tiles),
             plgpu.SMEM((2, CHUNK, TILE), dtype, transforms=tiles),
-            plgpu.SMEM((nvec, 2, CHUNK), jnp.float32) if nvec else None,
-            plgpu.SMEM((2, CHUNK), jnp.int32) if st.has_seg else None,
+            *_vec_smem(st),
             plgpu.SMEM((dk, TILE), dtype, transforms=tiles),
             plgpu.SMEM((CHUNK, TILE), dtype, transforms=tiles) if st.has_scale else None,
             plgpu.SMEM((CHUNK, TILE), dtype, transforms=tiles),
@@ -317,8 +355,7 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
             plgpu.SMEM((TILE, TILE), jnp.float32, transforms=_f32_tiles()))
     bars = (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
             plgpu.Barrier(num_barriers=2),
-            plgpu.Barrier(num_barriers=2 * nvec) if nvec else None,
-            plgpu.Barrier(num_barriers=2) if st.has_seg else None,
+            *_vec_barriers(st),
             plgpu.Barrier(num_barriers=1) if st.has_s0 else None)
     pl.run_scoped(lambda sm, br: kernel(q_ref, k_ref, v_ref, vec_ref, doc_ref, a_ref, s0_ref,
                                         y_ref, sf_ref, states_ref, sm, br), smem, bars)
@@ -371,19 +408,12 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi, cols], v_s.at[slot], v_bar.at[slot])
       plgpu.copy_gmem_to_smem(dy_ref.at[bi, rows, hi, cols], dy_s.at[slot], dy_bar.at[slot])
       plgpu.copy_gmem_to_smem(sp_ref.at[bi, hi, ci, :, cols], sp_s.at[slot], sp_bar.at[slot])
-      for i in range(nvec):
-        plgpu.copy_gmem_to_smem(vec_ref.at[i, bi, hi, rows], vec_s.at[i, slot],
-                                vec_bar.at[i * 2 + slot])
-      if st.has_seg:
-        plgpu.copy_gmem_to_smem(doc_ref.at[bi, rows], doc_s.at[slot], doc_bar.at[slot])
+      _fetch_vecs(vec_ref, doc_ref, vec_s, doc_s, vec_bar, doc_bar, bi, hi, rows, slot, st)
 
     def wait(slot):
       for bar in (q_bar, k_bar, v_bar, dy_bar, sp_bar):
         plgpu.barrier_wait(bar.at[slot])
-      for i in range(nvec):
-        plgpu.barrier_wait(vec_bar.at[i * 2 + slot])
-      if st.has_seg:
-        plgpu.barrier_wait(doc_bar.at[slot])
+      _wait_vecs(vec_bar, doc_bar, slot, st)
 
     def emitter():
       """Writes float32 [64, 64] output tiles through a 2-slot ring, in call order; the first
@@ -424,8 +454,8 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
       da_s[...] = da
       rq = rk = None
       if st.has_scale:
-        rq, rk = _row_vec(vec_s, nvec - 2, slot), _row_vec(vec_s, nvec - 1, slot)
-        dyv = dy_n[...].astype(jnp.float32)
+        rq, rk = _scale_vecs(vec_s, slot, st)
+        dyv = plgpu.load(dy_n, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
         dys_s[...] = (dyv * _row(rq, dyv.shape)).astype(dtype)
       plgpu.commit_smem()
 
@@ -480,17 +510,14 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
             plgpu.SMEM((2, CHUNK, TILE), dtype, transforms=tiles),
             plgpu.SMEM((2, CHUNK, TILE), dtype, transforms=tiles),
             plgpu.SMEM((2, dk, TILE), dtype, transforms=tiles),
-            plgpu.SMEM((nvec, 2, CHUNK), jnp.float32) if nvec else None,
-            plgpu.SMEM((2, CHUNK), jnp.int32) if st.has_seg else None,
+            *_vec_smem(st),
             plgpu.SMEM((dk, TILE), dtype, transforms=tiles),
             plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles),
             plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles),
             plgpu.SMEM((CHUNK, TILE), dtype, transforms=tiles) if st.has_scale else None,
             plgpu.SMEM((2, TILE, TILE), jnp.float32, transforms=_f32_tiles()))
-    bars = tuple(plgpu.Barrier(num_barriers=2) for _ in range(5)) + (
-        plgpu.Barrier(num_barriers=2 * nvec) if nvec else None,
-        plgpu.Barrier(num_barriers=2) if st.has_seg else None,
-        plgpu.Barrier(num_barriers=1))
+    bars = (tuple(plgpu.Barrier(num_barriers=2) for _ in range(5)) + _vec_barriers(st)
+            + (plgpu.Barrier(num_barriers=1),))
     pl.run_scoped(lambda sm, br: kernel(q_ref, k_ref, v_ref, dy_ref, vec_ref, doc_ref, a_ref,
                                         sp_ref, dsf_ref, dq_ref, dk_ref, dv_ref, ds0_ref, sm,
                                         br), smem, bars)
