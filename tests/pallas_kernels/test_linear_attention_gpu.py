@@ -135,6 +135,42 @@ def test_kernel_random_shapes(t, kind, seg, s0):
 
 
 # ------------------------------------------------------------------------------------------------
+# Hardware lowering (no GPU needed)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [
+    dict(kind="none"),
+    dict(kind="retnet", seg=True, s0=True),
+    dict(kind="none", seg=True),
+    dict(kind="retnet", dk=128, dv=128, s0=True),
+])
+def test_lowers_for_cuda(case):
+  """Forward and backward go through the real Pallas -> Mosaic GPU lowering (layout inference,
+  dialect lowering; interpret mode skips both) for the cuda platform, on this CPU machine.
+  A layout-inference dead end shows up here (after minutes of search, then a ValueError)."""
+  c = dict(seg=False, s0=False, dk=64, dv=64) | case
+  b, t, h = 1, 130, 2
+  sds = jax.ShapeDtypeStruct
+  q = sds((b, t, h, c["dk"]), jnp.bfloat16)
+  v = sds((b, t, h, c["dv"]), jnp.bfloat16)
+  g = sds((h,), jnp.float32) if c["kind"] == "retnet" else None
+  s0 = sds((b, h, c["dk"], c["dv"]), jnp.float32) if c["s0"] else None
+  seg = sds((b, t), jnp.int32) if c["seg"] else None
+
+  def fwd(q, k, v, g, s0, seg):
+    return lak_gpu.linear_attention_gpu(q, k, v, log_decay=g, initial_state=s0, segment_ids=seg)
+
+  def loss(q, k, v, g, s0, seg):
+    y, state = fwd(q, k, v, g, s0, seg)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state)
+
+  for fn in (fwd, jax.grad(loss, argnums=(0, 1, 2))):
+    lowered = jax.jit(fn).trace(q, q, v, g, s0, seg).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+# ------------------------------------------------------------------------------------------------
 # Entry point and fallbacks
 # ------------------------------------------------------------------------------------------------
 
