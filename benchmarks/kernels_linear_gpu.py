@@ -1,15 +1,26 @@
 r"""Chunked causal linear attention on GPU: our Mosaic GPU kernels vs the XLA chunked reference.
 
 Usage:
-  python benchmarks/kernels_linear_gpu.py            # H200: < 60 s; prints a markdown section
-  python benchmarks/kernels_linear_gpu.py --quick    # fewer timing iterations
+  python benchmarks/kernels_linear_gpu.py --quick    # H200: ~50 s (T 2k, 8k; 5 timing calls)
+  python benchmarks/kernels_linear_gpu.py            # T 2k, 8k, 32k; 20 timing calls
+  options: --budget S (start no timing row after S seconds), --watchdog S (dump every thread's
+  Python stack when one stage makes no progress for S seconds; 0: off)
+
+Every stage prints a progress line ``[elapsed s] ...`` (flushed) before and after it: imports,
+each compile (kernel and reference, separately from the first run), each correctness case and
+each timing row, so a hang or a slow compile is localised by the last line printed (and by the
+watchdog's stack dump). A failing stage prints its traceback and the run goes on.
+
+Correctness first (bf16, RetNet per-head decay, initial state; y, final state and the
+gradients in q, k, v, log_decay, initial state vs the reference, errors relative to
+max|reference|): a tiny case (batch 1, T 256, 2 heads, d 64: forward alone, then forward +
+backward), a packed-documents case (batch 1, T 1000, 16 heads, d 128, 3 segments; T not a chunk
+multiple) and, without --quick, batch 4 x T 4096. Then forward and forward+backward timings at
+batch x T = 32k tokens, 16 heads, d_k = d_v = 128; the XLA reference is timed at T <= 8k only
+(--quick) or every T. Each timing row also reports the kernel's error against XLA at that shape.
 
 ``run(quick)`` returns the markdown section (the caller decides where it goes; this script does
-not write BENCHMARKS.md). First a correctness check at a realistic shape (bf16, batch 4,
-T 4096, 16 heads, d_k = d_v = 128, RetNet per-head decay; y, final state and the gradients in
-q, k, v, log_decay, initial state vs the reference, errors relative to max|reference|), and a
-small packed-segments case. Then forward and forward+backward timings at T = 2k, 8k, 32k with
-batch x T = 32k tokens (same shapes and decay).
+not write BENCHMARKS.md); the progress lines go to stdout as they happen.
 
 TFLOP/s counts the chunked algorithm's matmul work (C = 64), the same for both
 implementations: per token and head, forward ``2C(d_k + d_v) + 4 d_k d_v`` (intra-chunk
@@ -22,15 +33,29 @@ batch 1 (T = 32k) only 32 CTAs are busy: that row shows the sequential-chunk lim
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 import time
 import traceback
 
+T_START = time.perf_counter()
+WATCHDOG_S = [0.0]      # re-armed by every progress line; 0 = off
+
+
+def log(msg: str) -> None:
+  """One flushed progress line with the elapsed time; re-arms the no-progress watchdog."""
+  print(f"[{time.perf_counter() - T_START:6.1f} s] {msg}", flush=True)
+  if WATCHDOG_S[0] > 0:
+    faulthandler.cancel_dump_traceback_later()
+    faulthandler.dump_traceback_later(WATCHDOG_S[0], repeat=True)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+log("importing jax and the kernels")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -38,12 +63,16 @@ import numpy as np  # noqa: E402
 from effx.pallas_kernels.linear_attention import gpu as la_gpu  # noqa: E402
 from effx.pallas_kernels.linear_attention.reference import linear_attention_reference  # noqa: E402
 
+log(f"imports done (jax {jax.__version__})")
+
 PEAK_BF16 = {"h100": 989.0, "h200": 989.0, "h800": 989.0, "gh200": 989.0}
 CHUNK = 64
 HEADS, DIM = 16, 128
 TOKENS = 32 * 1024
-LENGTHS = (2048, 8192, 32768)
-CHECKS = (("B 4, T 4096", 4, 4096, 0), ("B 1, T 1000, 3 packed docs", 1, 1000, 3))
+LENGTHS = {True: (2048, 8192), False: (2048, 8192, 32768)}     # by quick
+XLA_MAX_T = {True: 8192, False: 32768}
+NAMES = ("y", "state", "dq", "dk", "dv", "dlog_decay", "ds0")
+TOL = 5e-2
 
 
 def _peak() -> float | None:
@@ -72,12 +101,35 @@ def _ref(q, k, v, g, s0=None, seg=None):
                                     chunk_size=CHUNK)
 
 
+def _fwd(fn):
+  """(q, k, v, g, s0, seg) -> (y, state)."""
+  return lambda q, k, v, g, s0, seg: fn(q, k, v, g, s0, seg)
+
+
 def _fwd_bwd(fn):
-  """jit: (y, state) and all five gradients for cotangents (dy, ds)."""
+  """(q, k, v, g, s0, dy, ds, seg) -> ((y, state), gradients in q, k, v, g, s0)."""
   def f(q, k, v, g, s0, dy, ds, seg):
     out, vjp = jax.vjp(lambda *a: fn(*a, seg=seg), q, k, v, g, s0)
     return out, vjp((dy, ds))
-  return jax.jit(f)
+  return f
+
+
+def _compile(label: str, fn, *args):
+  """jit + lower + compile with progress lines; returns the compiled callable."""
+  log(f"{label}: compiling")
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  log(f"{label}: compiled in {time.perf_counter() - t0:.1f} s")
+  return compiled
+
+
+def _call(label: str, compiled, *args):
+  """One call, waited for, with progress lines."""
+  log(f"{label}: running")
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(compiled(*args))
+  log(f"{label}: ran in {time.perf_counter() - t0:.2f} s")
+  return out
 
 
 def _rel_err(a, b) -> float:
@@ -85,45 +137,60 @@ def _rel_err(a, b) -> float:
   return float(np.abs(a - b).max() / max(1e-6, np.abs(b).max()))
 
 
-def _check_case(title, b, t, seg_parts) -> list[str]:
-  q, k, v, g, s0, dy, ds = _inputs(b, t, HEADS, DIM, seed=1)
+def _errors(got, want) -> list[float]:
+  return [_rel_err(a, r) for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+
+
+def _check(title: str, b: int, t: int, h: int, d: int, seg_parts: int, fwd_only: bool) -> str:
+  """One correctness case: our kernels vs the reference; returns the markdown row."""
+  q, k, v, g, s0, dy, ds = _inputs(b, t, h, d, seed=1)
   seg = None
   if seg_parts:
     seg = jnp.asarray(np.minimum(np.arange(t) * seg_parts // t + 1, seg_parts)[None]
                       .repeat(b, 0), jnp.int32)
-  got = _fwd_bwd(_ours)(q, k, v, g, s0, dy, ds, seg)
-  want = _fwd_bwd(_ref)(q, k, v, g, s0, dy, ds, seg)
-  names = ("y", "state", "dq", "dk", "dv", "dlog_decay", "ds0")
-  errs = [_rel_err(a, r) for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
-  ok = all(np.isfinite(errs)) and max(errs) < 5e-2
-  cells = ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errs))
-  line = f"| {title} | {cells} | {'ok' if ok else 'FAIL'} |"
-  print(line, flush=True)
-  return [line]
+  args = (q, k, v, g, s0, seg) if fwd_only else (q, k, v, g, s0, dy, ds, seg)
+  make = _fwd if fwd_only else _fwd_bwd
+  got = _call(f"{title} ours", _compile(f"{title} ours", make(_ours), *args), *args)
+  want = _call(f"{title} XLA", _compile(f"{title} XLA", make(_ref), *args), *args)
+  errs = _errors(got, want)
+  ok = all(np.isfinite(errs)) and max(errs) < TOL
+  cells = ", ".join(f"{n} {e:.1e}" for n, e in zip(NAMES, errs))
+  row = f"| {title} | {cells} | {'ok' if ok else 'FAIL'} |"
+  log(row)
+  return row
 
 
-def check() -> list[str]:
-  lines = [f"| check (bf16, {HEADS} heads, d {DIM}, RetNet decay, s0) | max error / max | "
-           "result |",
-           "|---|---|---|"]
-  for title, b, t, seg in CHECKS:
+def check(quick: bool) -> list[str]:
+  cases = [("tiny B 1, T 256, H 2, d 64, fwd", 1, 256, 2, 64, 0, True),
+           ("tiny B 1, T 256, H 2, d 64, fwd+bwd", 1, 256, 2, 64, 0, False),
+           ("B 1, T 1000, H 16, d 128, 3 packed docs, fwd+bwd", 1, 1000, HEADS, DIM, 3, False)]
+  if not quick:
+    cases.append(("B 4, T 4096, H 16, d 128, fwd+bwd", 4, 4096, HEADS, DIM, 0, False))
+  rows = ["| check (bf16, RetNet decay, initial state) | max error / max | result |",
+          "|---|---|---|"]
+  for title, *spec in cases:
+    log(f"check {title}: start")
     try:
-      lines += _check_case(title, b, t, seg)
-    except Exception:  # noqa: BLE001 - report the failure, keep benchmarking the reference
+      rows.append(_check(title, *spec))
+    except Exception:  # noqa: BLE001 - report the failure, keep going
       traceback.print_exc()
-      lines.append(f"| {title} | kernel failed: see log | FAIL |")
-  return lines
+      sys.stdout.flush()
+      rows.append(f"| {title} | failed: see log | FAIL |")
+      log(f"check {title}: FAILED (traceback above)")
+  return rows
 
 
-def _time(fn, *args, iters: int) -> float:
-  """Median seconds of ``fn(*args)`` after one warm-up call."""
-  jax.block_until_ready(fn(*args))
+def _time(label: str, compiled, args, iters: int):
+  """(median seconds after one warm-up call, the warm-up's outputs)."""
+  out = _call(f"{label} warm-up", compiled, *args)
   times = []
   for _ in range(iters):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  med = float(np.median(times))
+  log(f"{label}: median {1e3 * med:.2f} ms over {iters} calls")
+  return med, out
 
 
 def _flops(b, t, fwd_only: bool) -> float:
@@ -133,60 +200,78 @@ def _flops(b, t, fwd_only: bool) -> float:
   return float(per_tok) * b * t * HEADS
 
 
-def timings(quick: bool) -> list[str]:
+def timings(quick: bool, budget_s: float) -> list[str]:
   peak = _peak()
   iters = 5 if quick else 20
-  lines = ["| T | batch | pass | ours ms | XLA ms | speed-up | ours TFLOP/s (% peak) | "
-           "XLA TFLOP/s (% peak) |", "|---|---|---|---|---|---|---|---|"]
-  for t in LENGTHS:
+  rows = ["| T | batch | pass | ours ms | XLA ms | speed-up | ours TFLOP/s (% peak) | "
+          "XLA TFLOP/s (% peak) | max err vs XLA |", "|---|---|---|---|---|---|---|---|---|"]
+  for t in LENGTHS[quick]:
     b = TOKENS // t
     q, k, v, g, _, dy, ds = _inputs(b, t, HEADS, DIM)
     for name, fwd_only in (("fwd", True), ("fwd+bwd", False)):
-      res = {}
+      args = (q, k, v, g, None, None) if fwd_only else (q, k, v, g, None, dy, ds, None)
+      make = _fwd if fwd_only else _fwd_bwd
+      res, outs, failed = {}, {}, set()
       for impl, fn in (("ours", _ours), ("xla", _ref)):
+        label = f"time T {t} B {b} {name} {impl}"
+        res[impl] = None
+        if impl == "xla" and t > XLA_MAX_T[quick]:
+          continue
+        if time.perf_counter() - T_START > budget_s:
+          log(f"{label}: skipped (past the {budget_s:.0f} s budget)")
+          continue
         try:
-          if fwd_only:
-            f = jax.jit(lambda q, k, v, g, fn=fn: fn(q, k, v, g))
-            res[impl] = _time(f, q, k, v, g, iters=iters)
-          else:
-            f = _fwd_bwd(fn)
-            res[impl] = _time(f, q, k, v, g, None, dy, ds, None, iters=iters)
+          res[impl], outs[impl] = _time(label, _compile(label, make(fn), *args), args, iters)
         except Exception:  # noqa: BLE001
           traceback.print_exc()
-          res[impl] = None
+          sys.stdout.flush()
+          failed.add(impl)
+          log(f"{label}: FAILED (traceback above)")
       fl = _flops(b, t, fwd_only)
 
-      def cell(s):
+      def cell(impl):
+        s = res[impl]
         if s is None:
-          return "failed", "n/a"
+          return ("failed" if impl in failed else "n/a"), "n/a"
         tf = fl / s / 1e12
         pct = f" ({100 * tf / peak:.1f} %)" if peak else ""
         return f"{1e3 * s:.2f}", f"{tf:.1f}{pct}"
 
-      (o_ms, o_tf), (x_ms, x_tf) = cell(res["ours"]), cell(res["xla"])
-      sp = (f"{res['xla'] / res['ours']:.2f}x" if res["ours"] and res["xla"] else "n/a")
-      line = f"| {t} | {b} | {name} | {o_ms} | {x_ms} | {sp} | {o_tf} | {x_tf} |"
-      print(line, flush=True)
-      lines.append(line)
-  return lines
+      (o_ms, o_tf), (x_ms, x_tf) = cell("ours"), cell("xla")
+      sp = f"{res['xla'] / res['ours']:.2f}x" if res["ours"] and res["xla"] else "n/a"
+      err = (f"{max(_errors(outs['ours'], outs['xla'])):.1e}"
+             if "ours" in outs and "xla" in outs else "n/a")
+      row = f"| {t} | {b} | {name} | {o_ms} | {x_ms} | {sp} | {o_tf} | {x_tf} | {err} |"
+      log(row)
+      rows.append(row)
+  return rows
 
 
-def run(quick: bool) -> str:
-  """The markdown section: correctness at a realistic shape, then the timing table."""
-  t0 = time.time()
+def run(quick: bool, budget_s: float | None = None) -> str:
+  """The markdown section: correctness checks, then the timing table."""
+  if budget_s is None:
+    budget_s = 45.0 if quick else 300.0
   kind = jax.devices()[0].device_kind
+  log(f"device {kind}; quick={quick}, timing rows start until {budget_s:.0f} s")
   head = (f"Chunked causal linear attention (C = {CHUNK}), Mosaic GPU kernels "
           f"(`linear_attention/gpu.py`) vs the XLA chunked reference, on {kind}; bf16, "
           f"{HEADS} heads, d_k = d_v = {DIM}, RetNet per-head decay, batch x T = {TOKENS} "
-          "tokens. Medians of "
-          f"{5 if quick else 20} calls after a warm-up. FLOPs: the chunked algorithm's matmuls "
-          "(module docstring), same count for both.")
-  body = [head, ""] + check() + [""] + timings(quick)
-  body.append(f"\n_total wall time {time.time() - t0:.0f} s_")
+          f"tokens. Medians of {5 if quick else 20} calls after a warm-up. FLOPs: the chunked "
+          "algorithm's matmuls (module docstring), same count for both.")
+  body = [head, ""] + check(quick) + [""] + timings(quick, budget_s)
+  body.append(f"\n_total wall time {time.perf_counter() - T_START:.0f} s_")
+  log("done")
   return "\n".join(body) + "\n"
 
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="5 timing iterations instead of 20")
-  print(run(parser.parse_args().quick))
+  parser.add_argument("--quick", action="store_true", help="T 2k and 8k, 5 timing calls")
+  parser.add_argument("--budget", type=float, default=None,
+                      help="seconds after which no timing row starts (45 quick, 300 full)")
+  parser.add_argument("--watchdog", type=float, default=25.0,
+                      help="dump all Python stacks after this many seconds without progress")
+  cli = parser.parse_args()
+  WATCHDOG_S[0] = cli.watchdog
+  print(run(cli.quick, cli.budget), flush=True)
+  faulthandler.cancel_dump_traceback_later()
