@@ -10,12 +10,14 @@ import jax
 import numpy as np
 
 from effx.data import ByteTokenizer, corpus_split, make_eval_batches, make_train_iterator
-from effx.decoding.evaluation import (auto_tree, compare_with_plain, held_out_prompts,
+from effx.decoding.evaluation import (auto_tree, compare_with_plain, generated_batches,
+                                      held_out_prompts, measure_proposal_latency,
                                       measure_verify_latency)
 from effx.decoding.generate import pad_prompts
 from effx.decoding.head_training import (HeadTrainer, load_heads, make_proposer,
                                          proposer_params, save_heads)
 from effx.decoding.speculative import SpeculativeConfig
+from effx.decoding.tree import chain
 from experiments.experiment import Experiment
 
 
@@ -52,14 +54,26 @@ def train_heads(exp: Experiment, workdir: str, base_variables: Any, log=print) -
 
 def measure_speculative(exp: Experiment, workdir: str, base_variables: Any, log=print
                         ) -> list[dict]:
-  """For each head kind and batch size: tree sized from measured latency, τ and speedup."""
+  """For each head kind and batch size: tree sized from measured latency, τ and speedup.
+
+  The tree is sized from what one step costs here (verify latency per tree size plus the
+  heads' own drafting cost per depth) and from the heads' acceptance measured on the model's
+  own greedy continuations of calibration prompts cut from the *train* split (the text decoding
+  drafts against; the corpus text the heads were scored on in training is harder to predict).
+  """
   bench = exp.speculative
   tok = ByteTokenizer()
   split = corpus_split(exp.data.paths, exp.data.eval_fraction)
   prompts = held_out_prompts(split.files("eval"), bench.num_prompts, bench.prompt_bytes,
                              bos_id=tok.BOS_ID, offset=tok.NUM_SPECIAL)
+  calibration = generated_batches(
+      exp.model, base_variables,
+      held_out_prompts(split.files("train"), 2 * max(bench.batch_sizes), bench.prompt_bytes,
+                       seed=1, bos_id=tok.BOS_ID, offset=tok.NUM_SPECIAL),
+      bench.max_new_tokens, batch_size=max(bench.batch_sizes))
   max_nodes = max(bench.candidate_tree_nodes)
   max_len = bench.prompt_bytes + 1 + bench.max_new_tokens + max_nodes
+  context = bench.prompt_bytes + bench.max_new_tokens // 2
   cfg = SpeculativeConfig(max_new_tokens=bench.max_new_tokens, max_len=max_len,
                           sampling=exp.generate.sampling, eos_id=-1)
   trained = []  # (config, heads module, proposer params, acceptance table), loaded once
@@ -69,34 +83,45 @@ def measure_speculative(exp: Experiment, workdir: str, base_variables: Any, log=
       raise ValueError(f"heads: no trained {head_cfg.kind} heads in {workdir!r}; run "
                        f"--mode train_heads first")
     trainer = HeadTrainer(head_cfg, exp.model, base_variables)
-    params, report = load_heads(directory, jax.eval_shape(lambda: trainer.init()[0]))
+    params, _ = load_heads(directory, jax.eval_shape(lambda: trainer.init()[0]))
+    acceptance = trainer.evaluate(params, calibration)["acceptance"]
+    log(f"heads[{head_cfg.kind}]: top-1 agreement on the model's own continuations "
+        f"(calibration, train-split prompts) {np.round(acceptance[:, 0], 3).tolist()}")
     trained.append((head_cfg, trainer.heads,
                     proposer_params(trainer.heads, params, base_variables["params"]),
-                    np.asarray(report["acceptance"])))
+                    acceptance))
   rows = []
   for batch in bench.batch_sizes:
     latency = measure_verify_latency(exp.model, base_variables, batch,
-                                     (1,) + bench.candidate_tree_nodes,
-                                     context=bench.prompt_bytes + bench.max_new_tokens // 2,
+                                     (1,) + bench.candidate_tree_nodes, context=context,
                                      max_len=max_len)
     log(f"batch {batch}: verify latency relative to one token: "
         + ", ".join(f"T={t}: {s / latency[1]:.2f}x" for t, s in sorted(latency.items())))
     tokens, lengths = pad_prompts(prompts[:batch])
     baseline = None
     for head_cfg, heads, params, acceptance in trained:
-      budget = auto_tree(acceptance, {t: s for t, s in latency.items() if t > 1})
+      drafting = measure_proposal_latency(
+          lambda d, heads=heads: make_proposer(heads, chain(d)), params, batch,
+          range(1, heads.num_heads + 1), exp.model.embed_dim, context, max_len)
+      budget = auto_tree(acceptance, {t: s for t, s in latency.items() if t > 1}, drafting)
       result, baseline = compare_with_plain(
           exp.model, base_variables, head_cfg.kind, make_proposer(heads, budget.tree), params,
           tokens, lengths, cfg, baseline=baseline, repeats=bench.repeats)
       row = dict(method=head_cfg.kind, batch=batch, tree_nodes=budget.tree.num_nodes,
+                 tree_depth=budget.tree.max_depth,
                  tau=round(result.stats.tau, 3), speedup=round(result.speedup, 3),
                  tokens_per_second=round(result.tokens_per_second, 1),
                  plain_tokens_per_second=round(result.baseline_tokens_per_second, 1),
                  per_depth_acceptance=[round(x, 3) for x in result.stats.per_depth],
+                 drafting_relative=[round(drafting[d] / latency[1], 2)
+                                    for d in sorted(drafting)],
                  outputs_match_plain=result.outputs_match)
-      log(f"batch {batch} {head_cfg.kind}: tree of {row['tree_nodes']} nodes, τ {row['tau']}, "
-          f"{row['tokens_per_second']} tok/s vs {row['plain_tokens_per_second']} plain: "
-          f"{row['speedup']}x (greedy output identical: {row['outputs_match_plain']})")
+      log(f"batch {batch} {head_cfg.kind}: drafting cost per depth relative to one token "
+          f"{row['drafting_relative']}; tree of {row['tree_nodes']} nodes (depth "
+          f"{row['tree_depth']}), τ {row['tau']}, per-depth acceptance "
+          f"{row['per_depth_acceptance']}, {row['tokens_per_second']} tok/s vs "
+          f"{row['plain_tokens_per_second']} plain: {row['speedup']}x (greedy output identical: "
+          f"{row['outputs_match_plain']})")
       rows.append(row)
   with open(os.path.join(workdir, "speculative.json"), "w") as f:
     json.dump(rows, f, indent=2)

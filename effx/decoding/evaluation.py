@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effx.decoding.generate import generate
+from effx.decoding.generate import generate, pad_prompts
+from effx.decoding.proposers import HydraState
+from effx.decoding.sampling import SamplingConfig
 from effx.decoding.speculative import (SpeculativeConfig, SpeculativeStats, speculative_generate,
                                        speculative_stats)
 from effx.decoding.tree import TreeBudget, choose_node_budget
@@ -68,9 +70,82 @@ def measure_verify_latency(model: DecoderLM, variables: Any, batch: int, tree_si
   return out
 
 
-def auto_tree(acceptance: np.ndarray, latency: dict[int, float]) -> TreeBudget:
-  """The tree maximising expected tokens per second from measured acceptance and latency."""
-  return choose_node_budget(acceptance, latency)
+def measure_proposal_latency(proposer_for_depth, params: Any, batch: int, depths: Sequence[int],
+                             embed_dim: int, context: int, max_len: int, repeats: int = 5
+                             ) -> dict[int, float]:
+  """Median seconds of one propose + commit of a proposer drafting a tree of depth d.
+
+  Args:
+    proposer_for_depth: d -> the proposer drafting a chain of d tokens (its per-step cost
+      grows with the depth: Hydra runs one head per level, Hydra++ also feeds d+1 accepted
+      states to its prefix layer).
+    params: the proposer's variables; embed_dim: the base model's width.
+    context: tokens already in the proposer's own cache (Hydra++).
+
+  Returns {d: seconds} for every d in `depths`; add it to the verify latency of a tree of
+  that depth for the cost of one step (`choose_node_budget(proposal_latency_per_depth=...)`).
+  """
+  out = {}
+  hidden = jnp.ones((batch, embed_dim), jnp.float32)
+  root = jnp.ones((batch,), jnp.int32)
+  for depth in depths:
+    proposer = proposer_for_depth(depth)
+    state = proposer.init_state(batch, max_len)
+    if isinstance(state, HydraState):  # a prefix-layer cache: pretend it holds `context` states
+      state = state.replace(cache=state.cache.replace(length=jnp.full((batch,), context,
+                                                                      jnp.int32)))
+
+    def step(params, state, hidden, root, proposer=proposer, depth=depth):
+      tokens, _, state = proposer.propose(params, state, hidden, root, jax.random.key(0),
+                                          SamplingConfig())
+      accepted = jnp.broadcast_to(hidden[:, None], (batch, depth + 1, embed_dim))
+      return proposer.commit(params, state, tokens[:, :depth + 1], accepted,
+                             jnp.full((batch,), depth + 1, jnp.int32))
+    fn = jax.jit(step)
+    jax.block_until_ready(fn(params, state, hidden, root))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(params, state, hidden, root))
+      times.append(time.perf_counter() - t0)
+    out[int(depth)] = float(np.median(times))
+  return out
+
+
+def generated_batches(model: DecoderLM, variables: Any, prompts: Sequence[np.ndarray],
+                      max_new_tokens: int, batch_size: int = 8) -> list[dict]:
+  """Batches of prompts + the model's own greedy continuations (what decoding drafts against).
+
+  Each batch has the keys of a training batch (inputs, targets, positions, segment_ids,
+  weights: int32 / float32 [rows, len]); weights are 1 where the target is a generated token,
+  so `HeadTrainer.evaluate` on these measures head agreement on text the model writes.
+  """
+  batches = []
+  for i in range(0, len(prompts), batch_size):
+    tokens, lengths = pad_prompts(list(prompts[i:i + batch_size]))
+    out = generate(model, variables, tokens, lengths, max_new_tokens=max_new_tokens,
+                   max_len=tokens.shape[1] + max_new_tokens)
+    new = np.asarray(out.tokens)
+    rows = [np.concatenate([tokens[b, :n], new[b]]) for b, n in enumerate(lengths)]
+    width = max(len(r) for r in rows) + 1
+    inputs = np.zeros((len(rows), width), np.int32)
+    segment_ids = np.zeros((len(rows), width), np.int32)
+    weights = np.zeros((len(rows), width), np.float32)
+    for b, row in enumerate(rows):
+      inputs[b, :len(row)] = row
+      segment_ids[b, :len(row)] = 1
+      weights[b, lengths[b] - 1:len(row) - 1] = 1.0
+    positions = np.broadcast_to(np.arange(width, dtype=np.int32), inputs.shape).copy()
+    batches.append(dict(inputs=inputs, targets=np.roll(inputs, -1, axis=1), positions=positions,
+                        segment_ids=segment_ids, weights=weights))
+  return batches
+
+
+def auto_tree(acceptance: np.ndarray, latency: dict[int, float],
+              proposal_latency: dict[int, float] | None = None) -> TreeBudget:
+  """The tree maximising expected tokens per second from measured acceptance and latency
+  (verify latency per tree size, plus the proposer's per-depth cost when given)."""
+  return choose_node_budget(acceptance, latency, proposal_latency)
 
 
 @dataclasses.dataclass
@@ -125,11 +200,11 @@ def compare_with_plain(model: DecoderLM, variables: Any, method: str, proposer, 
            if cfg.sampling.greedy and cfg.acceptance == "lossless" else None)
   result = SpeedupResult(method=method, batch=prompts.shape[0], tree_nodes=tree.num_nodes,
                          stats=speculative_stats(np.asarray(spec.accepted), tree.num_nodes,
-                                                 tree.max_depth),
+                                                 tree.max_depth, np.asarray(spec.attempted)),
                          tokens_per_second=n_spec / spec_s,
                          baseline_tokens_per_second=n_plain / plain_s, outputs_match=match)
   return result, baseline
 
 
-__all__ = ["held_out_prompts", "measure_verify_latency", "auto_tree", "compare_with_plain",
-           "SpeedupResult"]
+__all__ = ["held_out_prompts", "measure_verify_latency", "measure_proposal_latency",
+           "generated_batches", "auto_tree", "compare_with_plain", "SpeedupResult"]

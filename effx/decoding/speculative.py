@@ -72,12 +72,16 @@ class SpeculativeOutput:
     steps: int32 scalar, verify steps taken (loop iterations).
     accepted: int32 [max_new_tokens, batch] drafts accepted per step and row, -1 where the row
       was already finished (or the step was not taken).
+    attempted: int32 [max_new_tokens, batch] tree depths at which a draft was tried: accepted,
+      plus 1 when the last accepted node has children (a leaf ends the step without a miss);
+      -1 where inactive.
   """
 
   tokens: jax.Array
   lengths: jax.Array
   steps: jax.Array
   accepted: jax.Array
+  attempted: jax.Array
 
 
 def _write_rows(buffer: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
@@ -114,8 +118,9 @@ def _speculative(model, variables, proposer, proposer_params, prompts, prompt_le
   out_tokens = jnp.full((batch, n_new + width), cfg.pad_id, jnp.int32).at[:, 0].set(root)
   out_len = jnp.ones((batch,), jnp.int32)
   done = (root == cfg.eos_id) | (out_len >= n_new)
-  accepted_log = jnp.full((n_new, batch), -1, jnp.int32)
+  accepted_log = attempted_log = jnp.full((n_new, batch), -1, jnp.int32)
   depth = jnp.asarray(tree.depth)
+  has_children = jnp.asarray(tree.num_children > 0, jnp.int32)
   tree_mask = jnp.broadcast_to(jnp.asarray(tree.mask), (batch,) + tree.mask.shape)
 
   def cond(carry):
@@ -123,7 +128,8 @@ def _speculative(model, variables, proposer, proposer_params, prompts, prompt_le
     return (step < n_new) & ~jnp.all(done)
 
   def body(carry):
-    step, cache, pstate, hidden, root, out_tokens, out_len, done, accepted_log = carry
+    step, cache, pstate, hidden, root, out_tokens, out_len, done, (accepted_log,
+                                                                   attempted_log) = carry
     step_key = jax.random.fold_in(key, step + 1)
     k_propose, k_verify = jax.random.split(step_key)
     drafts, q, pstate = proposer.propose(proposer_params, pstate, hidden, root,
@@ -148,17 +154,21 @@ def _speculative(model, variables, proposer, proposer_params, prompts, prompt_le
     out_tokens = jnp.where(done[:, None], out_tokens, _write_rows(out_tokens, emitted, out_len))
     out_len = jnp.where(done, out_len, out_len + n_emit)
     accepted_log = accepted_log.at[step].set(jnp.where(done, -1, ver.num_accepted))
+    attempted_log = attempted_log.at[step].set(
+        jnp.where(done, -1, ver.num_accepted + has_children[ver.last_node()]))
     done = done | is_eos.any(1) | (out_len >= n_new)
     return (step + 1, cache, pstate, hidden, ver.bonus_token, out_tokens, out_len, done,
-            accepted_log)
+            (accepted_log, attempted_log))
 
   init = (jnp.zeros((), jnp.int32), cache, pstate, hidden, root, out_tokens, out_len, done,
-          accepted_log)
-  steps, *_, out_tokens, out_len, _, accepted_log = jax.lax.while_loop(cond, body, init)
+          (accepted_log, attempted_log))
+  steps, *_, out_tokens, out_len, _, (accepted_log, attempted_log) = jax.lax.while_loop(
+      cond, body, init)
   lengths = jnp.minimum(out_len, n_new)
   tokens = jnp.where(jnp.arange(n_new)[None] < lengths[:, None], out_tokens[:, :n_new],
                      cfg.pad_id)
-  return SpeculativeOutput(tokens=tokens, lengths=lengths, steps=steps, accepted=accepted_log)
+  return SpeculativeOutput(tokens=tokens, lengths=lengths, steps=steps, accepted=accepted_log,
+                           attempted=attempted_log)
 
 
 def speculative_generate(model: DecoderLM, variables: Any, proposer: Proposer,
@@ -189,7 +199,9 @@ class SpeculativeStats:
 
   tau: mean tokens emitted per verify step (accepted drafts + the bonus token);
   acceptance_rate: accepted drafts / drafted tokens along the deepest path (max_depth per step);
-  per_depth: P(depth d accepted | depth d-1 accepted), d = 1..D;
+  per_depth: P(depth d accepted | a depth-d draft was tried), d = 1..D (with `attempted`; without
+    it, of the steps that accepted >= d-1 drafts, the fraction that accepted >= d, which counts a
+    step ending on a shallow leaf as a miss);
   histogram: fraction of steps accepting 0..D drafts;
   tree_utilisation: accepted nodes / verified nodes.
   """
@@ -202,16 +214,19 @@ class SpeculativeStats:
   steps: int
 
 
-def speculative_stats(accepted: np.ndarray, tree_size: int, max_depth: int) -> SpeculativeStats:
-  """Statistics from `SpeculativeOutput.accepted` arrays ([steps, batch], -1 = inactive)."""
+def speculative_stats(accepted: np.ndarray, tree_size: int, max_depth: int,
+                      attempted: np.ndarray | None = None) -> SpeculativeStats:
+  """Statistics from `SpeculativeOutput.accepted` (and `.attempted`) arrays ([steps, batch],
+  -1 = inactive)."""
   acc = np.asarray(accepted).reshape(-1)
-  acc = acc[acc >= 0]
+  tried = acc if attempted is None else np.asarray(attempted).reshape(-1)
+  tried, acc = tried[acc >= 0], acc[acc >= 0]
   if acc.size == 0:
     return SpeculativeStats(0.0, 0.0, [0.0] * max_depth, [0.0] * (max_depth + 1), 0.0, 0)
   hist = np.bincount(acc, minlength=max_depth + 1)[:max_depth + 1] / acc.size
   per_depth = []
   for d in range(1, max_depth + 1):
-    reached = np.sum(acc >= d - 1)
+    reached = np.sum(acc >= d - 1) if attempted is None else np.sum(tried >= d)
     per_depth.append(float(np.sum(acc >= d) / reached) if reached else 0.0)
   return SpeculativeStats(
       tau=float(np.mean(acc + 1)), acceptance_rate=float(np.mean(acc) / max(max_depth, 1)),

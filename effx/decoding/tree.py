@@ -402,7 +402,7 @@ class TreeBudget(NamedTuple):
     num_nodes: T, tree size including the root (a key of the latency table).
     tree: the optimal tree with T nodes.
     expected_accepted: expected accepted draft tokens per step.
-    tokens_per_second: (1 + expected_accepted) / latency[T], the criterion maximised.
+    tokens_per_second: (1 + expected_accepted) / seconds per step, the criterion maximised.
   """
 
   num_nodes: int
@@ -411,22 +411,32 @@ class TreeBudget(NamedTuple):
   tokens_per_second: float
 
 
-def choose_node_budget(acceptance: np.ndarray,
-                       latency_per_tree_size: Mapping[int, float]) -> TreeBudget:
+def choose_node_budget(acceptance: np.ndarray, latency_per_tree_size: Mapping[int, float],
+                       proposal_latency_per_depth: Mapping[int, float] | None = None
+                       ) -> TreeBudget:
   """Picks the tree size with the most expected tokens per second.
 
   Args:
     acceptance: float [D, K] per-head accuracies (see `optimal_tree`).
     latency_per_tree_size: measured seconds of one verify step (forward over T tree tokens,
       plus whatever else one step costs) for candidate sizes T = num_nodes, the root included.
+    proposal_latency_per_depth: measured seconds the proposer takes to draft (and commit) a
+      tree of depth d, for every depth 1..D a candidate tree can have; added to the verify
+      latency of each candidate (drafting is not free: Hydra runs a head per level, Hydra++
+      also a prefix layer).
 
   Returns:
-    `TreeBudget` maximising (1 + expected accepted) / latency[T]; ties go to the smaller T.
+    `TreeBudget` maximising (1 + expected accepted) / (latency[T] + proposal[depth of the
+    tree]); ties go to the smaller T.
   """
   acc = _check_acceptance(acceptance)
   if not latency_per_tree_size:
     raise ValueError("latency_per_tree_size: empty; give seconds per verify step for at least "
                      "one tree size")
+  proposal = dict(proposal_latency_per_depth or {})
+  for d, seconds in proposal.items():
+    if not (math.isfinite(float(seconds)) and seconds >= 0):
+      raise ValueError(f"proposal_latency_per_depth[{d}]: got {seconds}; must be a time >= 0")
   capacity = sum(acc.shape[1] ** d for d in range(1, acc.shape[0] + 1))
   best = None
   for size in sorted(latency_per_tree_size):
@@ -438,6 +448,11 @@ def choose_node_budget(acceptance: np.ndarray,
     if not (math.isfinite(seconds) and seconds > 0):
       raise ValueError(f"latency_per_tree_size[{size}]: got {seconds}; must be a positive time")
     tree, expected = optimal_tree(acc, int(size) - 1)
+    if proposal_latency_per_depth is not None and tree.max_depth > 0:  # a root alone: no drafts
+      if tree.max_depth not in proposal:
+        raise ValueError(f"proposal_latency_per_depth: no time for depth {tree.max_depth} (the "
+                         f"best tree of {size} nodes); measured depths {sorted(proposal)}")
+      seconds += float(proposal[tree.max_depth])
     rate = (1.0 + expected) / seconds
     if best is None or rate > best.tokens_per_second:
       best = TreeBudget(int(size), tree, expected, rate)

@@ -12,6 +12,7 @@ import pytest
 from effx.attention.mha import MultiHeadAttention
 from effx.decoding import tree as tree_lib
 from effx.decoding.generate import generate, pad_prompts, prefill
+from effx.decoding.head_training import head_outputs
 from effx.decoding.heads import HydraHeads, MedusaHeads, embedding_table
 from effx.decoding.proposers import DraftModelProposer, HydraProposer, MedusaProposer
 from effx.decoding.sampling import SamplingConfig, warp_logits
@@ -213,3 +214,104 @@ def test_loop_keeps_the_target_distribution(name, sampling, acceptance, expect_l
     except AssertionError:  # samples in zero-probability cells: biased beyond doubt
       return
     assert p_value < 1e-6
+
+
+# ---- drafts at every depth = the heads' teacher-forced predictions ----------------------------
+
+def teacher_forced_logits(proposer, params, model, variables, seqs: np.ndarray) -> np.ndarray:
+  """Head logits [rows, L, K, V] teacher-forced (as in training) on token rows [rows, L]."""
+  seqs = jnp.asarray(seqs, jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(seqs.shape[1], dtype=jnp.int32), seqs.shape)
+  batch = dict(inputs=seqs, positions=positions, segment_ids=jnp.ones_like(seqs))
+  base_out = model.apply(variables, seqs, positions, batch["segment_ids"])
+  return np.asarray(head_outputs(proposer.heads, params, params.get("embedding"), batch,
+                                 base_out))
+
+
+def small_vocab_setup(name: str):
+  """A 6-token base model and noisy heads: drafts are often right, also at depth >= 2."""
+  model = tiny_lm(vocab=SMALL_V)
+  variables = noisy(init(model, 0), 21, 0.5)
+  _, proposer, params = next(p for p in proposers(model, variables) if p[0] == name)
+  rs = np.random.RandomState(4)
+  prompts, lengths = pad_prompts([rs.randint(0, SMALL_V, n) for n in (5, 9, 2)])
+  return model, variables, proposer, {**params, "heads": noisy(params["heads"], 22, 1.0)}, \
+      prompts, lengths
+
+
+@pytest.mark.parametrize("name", ["medusa", "hydra", "hydra++"])
+def test_drafts_equal_teacher_forced_head_predictions(name):
+  """Through prefill and commits of varying length (Hydra++'s prefix cache and positions),
+  every tree node is its head's rank-th candidate teacher-forced on the node's own path."""
+  model, variables, proposer, params, prompts, lengths = small_vocab_setup(name)
+  tree, depth = proposer.tree, proposer.tree.max_depth
+  plain = np.asarray(generate(model, variables, prompts, lengths, max_new_tokens=24,
+                              max_len=48).tokens)
+  full = [np.concatenate([prompts[b, :n], plain[b]]) for b, n in enumerate(lengths)]
+  hid = [np.asarray(model.apply(variables, jnp.asarray(s[None])).hidden[0]) for s in full]
+  _, _, prompt_hidden = prefill(model, variables, jnp.asarray(prompts), jnp.asarray(lengths), 48)
+  state = proposer.prefill(params, proposer.init_state(len(lengths), 48), jnp.asarray(prompts),
+                           prompt_hidden, jnp.asarray(lengths))
+  rs, t = np.random.RandomState(0), np.asarray(lengths) - 1  # t: last accepted position
+  rows = range(len(lengths))
+  for step in range(4):
+    drafts, _, state = proposer.propose(
+        params, state, jnp.asarray(np.stack([hid[b][t[b]] for b in rows])),
+        jnp.asarray([full[b][t[b] + 1] for b in rows], jnp.int32), jax.random.key(step),
+        SamplingConfig())
+    drafts = np.asarray(drafts)
+    for b in rows:
+      paths = [drafts[b, p[p >= 0]] for p in tree.paths]  # root..leaf tokens per leaf
+      seqs = np.stack([np.concatenate([full[b][:t[b] + 1], p, np.zeros(depth + 1 - len(p), int)])
+                       for p in paths])
+      tf = teacher_forced_logits(proposer, params, model, variables, seqs)[:, t[b]]  # [P, K, V]
+      for p, nodes in enumerate(tree.paths):
+        for node in nodes[1:][nodes[1:] >= 0]:
+          d, r = int(tree.depth[node]), int(tree.rank[node])
+          ranked = np.sort(tf[p, d - 1])[::-1]
+          assert tf[p, d - 1, drafts[b, node]] == pytest.approx(ranked[r], abs=1e-4), (
+              f"{name}: step {step} row {b} node {node} (depth {d}, rank {r})")
+    num = rs.randint(1, depth + 2, size=len(lengths))  # root + 0..D accepted drafts
+    state = proposer.commit(
+        params, state, jnp.asarray(np.stack([full[b][t[b] + 1:t[b] + depth + 2] for b in rows])),
+        jnp.asarray(np.stack([hid[b][t[b] + 1:t[b] + depth + 2] for b in rows])),
+        jnp.asarray(num, jnp.int32))
+    t = t + num
+
+
+@pytest.mark.parametrize("name", ["medusa", "hydra", "hydra++"])
+def test_loop_acceptance_matches_a_direct_count(name):
+  """Accepted drafts per step and row logged by the loop, and the per-depth acceptance made
+  from them, equal a count from teacher-forced head predictions on the greedy output."""
+  model, variables, proposer, params, prompts, lengths = small_vocab_setup(name)
+  tree, n_new = proposer.tree, 20
+  cfg = SpeculativeConfig(max_new_tokens=n_new, max_len=48)
+  spec = speculative_generate(model, variables, proposer, params, prompts, lengths, cfg)
+  plain = np.asarray(generate(model, variables, prompts, lengths,
+                              max_new_tokens=n_new + tree.max_depth + 1, max_len=48).tokens)
+  logged, attempted = np.asarray(spec.accepted), np.asarray(spec.attempted)
+  tried, hit = np.zeros(tree.max_depth), np.zeros(tree.max_depth)
+  for b, n in enumerate(lengths):
+    seq = np.concatenate([prompts[b, :n], plain[b]])
+    top = np.argsort(-teacher_forced_logits(proposer, params, model, variables, seq[None])[0],
+                     axis=-1, kind="stable")  # [L, K, V] candidates best first
+    t, emitted, counts, depths = n - 1, 1, [], []
+    while emitted < n_new:
+      node, accepted, depth = 0, 0, 0
+      while tree.num_children[node]:  # try the children of the last accepted node
+        tried[accepted] += 1
+        depth += 1
+        kids = [c for c in tree.children[node] if c >= 0 and
+                top[t, tree.depth[c] - 1, tree.rank[c]] == seq[t + accepted + 2]]
+        if not kids:
+          break
+        hit[accepted] += 1
+        node, accepted = kids[0], accepted + 1
+      counts.append(accepted)
+      depths.append(depth)
+      t, emitted = t + accepted + 1, emitted + accepted + 1
+    assert logged[logged[:, b] >= 0, b].tolist() == counts, f"{name}: row {b}"
+    assert attempted[attempted[:, b] >= 0, b].tolist() == depths, f"{name}: row {b}"
+  assert hit[1] > 0  # depth 2 was reached and accepted: the check covers it
+  stats = speculative_stats(logged, tree.num_nodes, tree.max_depth, attempted)
+  np.testing.assert_allclose(stats.per_depth, hit / np.maximum(tried, 1), atol=1e-12)

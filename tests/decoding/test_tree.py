@@ -325,6 +325,23 @@ def test_choose_node_budget():
     tree_lib.choose_node_budget(acc, {0: 1.0})
 
 
+
+def test_choose_node_budget_counts_the_proposal_cost():
+  acc = np.full((4, 1), 0.9)  # one candidate per head: the best trees are chains
+  verify = {2: 1.0, 5: 2.5}
+  assert tree_lib.choose_node_budget(acc, verify).num_nodes == 2
+  # A fixed drafting cost per step (Hydra++'s prefix layer) favours the deeper tree ...
+  pick = tree_lib.choose_node_budget(acc, verify, {1: 3.0, 4: 3.0})
+  assert pick.num_nodes == 5
+  assert pick.tokens_per_second == pytest.approx((1 + 0.9 + 0.81 + 0.729 + 0.6561) / 5.5)
+  # ... a cost growing with the depth (one head call per level) the shallower one.
+  assert tree_lib.choose_node_budget(acc, {2: 1.0, 5: 1.2}, {1: 0.1, 4: 10.0}).num_nodes == 2
+  assert tree_lib.choose_node_budget(acc, {2: 1.0, 5: 1.2}, {1: 0.1, 4: 0.1}).num_nodes == 5
+  with pytest.raises(ValueError, match="no time for depth 4"):
+    tree_lib.choose_node_budget(acc, verify, {1: 0.1})
+  with pytest.raises(ValueError, match="must be a time >= 0"):
+    tree_lib.choose_node_budget(acc, verify, {1: -1.0, 4: 0.1})
+
 def test_random_trees_have_consistent_medusa_mask_rows():
   rnd = random.Random(0)
   for _ in range(5):
