@@ -30,7 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from effx.decoding.heads import (HydraHeads, MedusaHeads, embedding_table,
-                                 init_lm_heads_from_base)
+                                 init_lm_heads_from_base, zero_prefix_branches)
 from effx.decoding.proposers import HydraProposer, MedusaProposer
 from effx.decoding.tree import DraftTree
 from effx.model import DecoderLM
@@ -103,7 +103,8 @@ def proposer_params(heads: MedusaHeads | HydraHeads, head_params: dict, base_par
 
 def init_head_params(cfg: HeadTrainConfig, heads, base_params: Any, width: int,
                      key: jax.Array) -> dict:
-  """Fresh head variables ({"heads": ..., "prefix": ... for Hydra++}), LM heads from the base."""
+  """Fresh head variables ({"heads": ..., "prefix": ... for Hydra++}): LM heads copied from the
+  base, the prefix layer's residual branches zeroed (`zero_prefix_branches`)."""
   k1, k2 = jax.random.split(key)
   hidden = jnp.zeros((1, width))
   if isinstance(heads, MedusaHeads):
@@ -113,8 +114,8 @@ def init_head_params(cfg: HeadTrainConfig, heads, base_params: Any, width: int,
   params = {"heads": init_lm_heads_from_base(variables, base_params)}
   if isinstance(heads, HydraHeads) and heads.prefix_layer:
     prefix = heads.prefix_module(parent=None)
-    params["prefix"] = nn.unbox(prefix.init(k2, jnp.zeros((1, 2, width)),
-                                            jnp.zeros((1, 2), jnp.int32)))
+    params["prefix"] = zero_prefix_branches(prefix.init(k2, jnp.zeros((1, 2, width)),
+                                                        jnp.zeros((1, 2), jnp.int32)))
   return params
 
 

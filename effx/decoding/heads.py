@@ -200,6 +200,18 @@ class HydraHeads(nn.Module):
                       for k in range(self.num_heads)], axis=-2)
 
 
+def zero_prefix_branches(prefix_params: Any) -> Any:
+  """Zeroes the prefix layer's attention-output and MLP-output kernels (unboxed params).
+
+  The new layer then maps h to its final norm of h (nothing lost, the heads start where Hydra's
+  do) and learns what attending over the prefix adds; a random block would first scramble h.
+  """
+  def zero(path, leaf):
+    name = getattr(path[-1], "key", "")
+    return jnp.zeros_like(leaf) if name in ("out_kernel", "wo") else leaf
+  return jax.tree_util.tree_map_with_path(zero, nn.unbox(prefix_params))
+
+
 def embedding_table(base_params: Any) -> jax.Array:
   """The base `DecoderLM`'s input embedding table [vocab, embed] (for Hydra's path inputs)."""
   return nn.unbox(base_params["embed"]["embedding"])

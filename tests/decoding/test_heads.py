@@ -112,3 +112,17 @@ def test_head_configs_are_validated():
     HeadTrainConfig(target="labels")
   with pytest.raises(ValueError, match="MedusaHeads.num_heads"):
     MedusaHeads(num_heads=0, vocab_size=4)
+
+
+def test_new_prefix_layer_keeps_the_hidden_state(base):
+  """Hydra++'s prefix layer starts with zeroed residual branches: its output is the norm of h
+  (a random block would scramble the state the heads were to start from)."""
+  model, variables = base
+  trainer = HeadTrainer(HeadTrainConfig(kind="hydra++", num_heads=2, num_blocks=2), model,
+                        variables)
+  params, _ = trainer.init()
+  hidden = jax.random.normal(jax.random.key(1), (2, 5, E))
+  out, _ = trainer.heads.prefix_module(parent=None).apply(
+      params["prefix"], hidden, jnp.broadcast_to(jnp.arange(5), (2, 5)))
+  expected = hidden / jnp.sqrt(jnp.mean(hidden ** 2, -1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-4)
