@@ -70,6 +70,8 @@ def _parse():
                  help="only the decode-attention and grouped-matmul section (see its docstring)")
   p.add_argument("--op", choices=sorted(GPU_OPS), default=None,
                  help="one Mosaic GPU kernel benchmark instead of the flash forward")
+  p.add_argument("--budget", type=float, default=None,
+                 help="with --op gmm/linear: no new timing row starts after this many seconds")
   return p.parse_args()
 
 
@@ -384,7 +386,8 @@ def main():
   if ARGS.op is not None:
     module_name, title = GPU_OPS[ARGS.op]
     import importlib
-    body = importlib.import_module(module_name).run(ARGS.quick)
+    run = importlib.import_module(module_name).run
+    body = run(ARGS.quick) if ARGS.budget is None else run(ARGS.quick, ARGS.budget)
     print("\n" + body, flush=True)
     if not ARGS.no_write:
       append_section(f"{title} ({platform}{', quick' if ARGS.quick else ''})", body)
