@@ -16,7 +16,7 @@ from effx.decoding.evaluation import (auto_tree, compare_with_plain, generated_b
 from effx.decoding.generate import pad_prompts
 from effx.decoding.head_training import (HeadTrainer, load_heads, make_proposer,
                                          proposer_params, save_heads)
-from effx.decoding.speculative import SpeculativeConfig
+from effx.decoding.speculative import SpeculativeConfig, speculative_generate, speculative_stats
 from effx.decoding.tree import chain
 from experiments.experiment import Experiment
 
@@ -54,7 +54,8 @@ def train_heads(exp: Experiment, workdir: str, base_variables: Any, log=print) -
 
 def measure_speculative(exp: Experiment, workdir: str, base_variables: Any, log=print
                         ) -> list[dict]:
-  """For each head kind and batch size: tree sized from measured latency, τ and speedup.
+  """For each head kind and batch size: tree sized from measured latency, τ and speedup, and τ
+  on one common tree (a chain as deep as there are heads), which compares the heads alone.
 
   The tree is sized from what one step costs here (verify latency per tree size plus the
   heads' own drafting cost per depth) and from the heads' acceptance measured on the model's
@@ -104,12 +105,18 @@ def measure_speculative(exp: Experiment, workdir: str, base_variables: Any, log=
           lambda d, heads=heads: make_proposer(heads, chain(d)), params, batch,
           range(1, heads.num_heads + 1), exp.model.embed_dim, context, max_len)
       budget = auto_tree(acceptance, {t: s for t, s in latency.items() if t > 1}, drafting)
+      common = chain(heads.num_heads)  # the same tree for every method: τ compares the heads
+      out = speculative_generate(exp.model, base_variables, make_proposer(heads, common), params,
+                                 tokens, lengths, cfg)
+      tau_chain = speculative_stats(np.asarray(out.accepted), common.num_nodes,
+                                    common.max_depth).tau
       result, baseline = compare_with_plain(
           exp.model, base_variables, head_cfg.kind, make_proposer(heads, budget.tree), params,
           tokens, lengths, cfg, baseline=baseline, repeats=bench.repeats)
       row = dict(method=head_cfg.kind, batch=batch, tree_nodes=budget.tree.num_nodes,
                  tree_depth=budget.tree.max_depth,
                  tau=round(result.stats.tau, 3), speedup=round(result.speedup, 3),
+                 tau_chain=round(tau_chain, 3),
                  tokens_per_second=round(result.tokens_per_second, 1),
                  plain_tokens_per_second=round(result.baseline_tokens_per_second, 1),
                  per_depth_acceptance=[round(x, 3) for x in result.stats.per_depth],
@@ -118,7 +125,8 @@ def measure_speculative(exp: Experiment, workdir: str, base_variables: Any, log=
                  outputs_match_plain=result.outputs_match)
       log(f"batch {batch} {head_cfg.kind}: drafting cost per depth relative to one token "
           f"{row['drafting_relative']}; tree of {row['tree_nodes']} nodes (depth "
-          f"{row['tree_depth']}), τ {row['tau']}, per-depth acceptance "
+          f"{row['tree_depth']}), τ {row['tau']} (on a chain of {heads.num_heads} for every "
+          f"method: {row['tau_chain']}), per-depth acceptance "
           f"{row['per_depth_acceptance']}, {row['tokens_per_second']} tok/s vs "
           f"{row['plain_tokens_per_second']} plain: {row['speedup']}x (greedy output identical: "
           f"{row['outputs_match_plain']})")
