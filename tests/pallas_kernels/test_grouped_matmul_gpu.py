@@ -211,7 +211,6 @@ def test_entry_point_gpu_backend():
   want = jax.lax.ragged_dot(lhs, rhs, gs, preferred_element_type=jnp.float32)
   assert gm.resolve("pallas", "gpu") == ("gpu", True)     # this suite runs on CPU
   assert gm.resolve("auto") == ("xla", False)
-  assert gm.GPU_AUTO_USES_KERNEL is False
   assert gm.fallback_reason("pallas", "gpu", lhs=lhs, rhs=rhs) is None
   with plgpu.force_gpu_interpret_mode(GPU_INTERPRET):
     got = gm.grouped_matmul(lhs, rhs, gs, impl="pallas", backend="gpu",

@@ -15,10 +15,10 @@ group schedule).
 
 Which implementation runs (``impl``):
 * ``"xla"``: ``jax.lax.ragged_dot`` (the reference).
-* ``"auto"``: the Pallas kernel on TPU; on GPU whichever of the Mosaic GPU kernel and
-  ``ragged_dot`` (XLA's grouped GEMM) ``GPU_AUTO_USES_KERNEL`` names: ``ragged_dot`` until the
-  H200 measurement of ``benchmarks/kernels_gmm_gpu.py`` shows the kernel faster (flip the
-  constant then); on CPU ``ragged_dot`` (XLA:CPU lowers it densely, G x the flops: for CPU
+* ``"auto"``: the Pallas kernel of the TPU/GPU (on GPU where ``gpu.supported`` allows, else
+  ``ragged_dot`` silently). On an H200 the Mosaic GPU kernel is 3.7-16x faster than XLA's
+  ``ragged_dot`` forward and 10-39x forward + backward at MoE shapes (BENCHMARKS.md, "Grouped
+  matmul kernels"). On CPU ``ragged_dot`` (XLA:CPU lowers it densely, G x the flops: for CPU
   training effx.moe's "blocked" dropless path is the fast one; it lives a floor up, in
   effx/moe/dispatch.py).
 * ``"pallas"``: the kernel of the current TPU/GPU; on CPU the kernel named by ``backend``
@@ -42,18 +42,13 @@ from effx.pallas_kernels.grouped_matmul.reference import check_inputs
 from effx.pallas_kernels.grouped_matmul.reference import grouped_matmul_reference
 from effx.pallas_kernels.grouped_matmul.reference import transposed_grouped_matmul_reference
 
-__all__ = ["BlockSizes", "GPU_AUTO_USES_KERNEL", "fallback_reason", "grouped_matmul",
+__all__ = ["BlockSizes", "fallback_reason", "grouped_matmul",
            "grouped_matmul_reference", "resolve", "transposed_grouped_matmul_reference"]
-
-
-# On GPU, impl="auto" runs the Mosaic GPU kernel only if this is True: set it from the H200
-# comparison with ragged_dot (benchmarks/kernels_gmm_gpu.py); until then XLA's grouped GEMM.
-GPU_AUTO_USES_KERNEL = False
 
 
 def resolve(impl: str = "auto", backend: str | None = None) -> tuple[str, bool]:
   """Returns ``(target, interpret)``: target in {"xla", "tpu", "gpu"}."""
-  return resolve_target(impl, backend, gpu_auto=GPU_AUTO_USES_KERNEL)
+  return resolve_target(impl, backend)
 
 
 def _default_blocks(target: str, interpret: bool, lhs, rhs) -> BlockSizes:
