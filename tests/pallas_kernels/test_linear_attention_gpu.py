@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from effx.attention.feature_maps import taylor_features
 from effx.pallas_kernels import linear_attention as lak
 from effx.pallas_kernels.linear_attention import gpu as lak_gpu
 from effx.pallas_kernels.linear_attention.config import BlockSizes
@@ -118,6 +119,34 @@ def test_kernel_matches_reference(case):
   _compare(q, k, v, g, s0 if c["s0"] else None, dy, ds, seg)
 
 
+@pytest.mark.parametrize("case", [
+    # f = 8: d_k = 73 (padded to 128, one d_k tile), no decay, one chunk and a bit
+    dict(f=8, t=70, kind="none", s0=False, seg=False),
+    # f = 16: d_k = 273 (padded to 320: five 64-row d_k tiles, partial y / dv summed),
+    # per-token RetNet decay, segments, initial state
+    dict(f=16, t=100, kind="retnet", s0=True, seg=True),
+])
+def test_kernel_based_taylor_features(case):
+  """Based's 2nd-order Taylor feature map, d_k = 1 + f + f² > 64."""
+  f, t, h = case["f"], case["t"], 2
+  _, _, v, g, _, dy, _ = _inputs(11, 1, t, h, 1, 64, case["kind"])
+  kq, kk, ks = jax.random.split(jax.random.key(f), 3)
+  q = taylor_features(jax.random.normal(kq, (1, t, h, f))).astype(jnp.bfloat16)
+  k = taylor_features(0.5 * jax.random.normal(kk, (1, t, h, f))).astype(jnp.bfloat16)
+  dk = 1 + f + f * f
+  assert q.shape[-1] == dk
+  s0 = jax.random.normal(ks, (1, h, dk, 64)) if case["s0"] else None
+  ds = jax.random.normal(jax.random.fold_in(ks, 1), (1, h, dk, 64))
+  _compare(q, k, v, g, s0, dy, ds, _segments(4, 1, t) if case["seg"] else None)
+
+
+@pytest.mark.slow
+def test_kernel_wide_k_tiles():
+  """d_k = 256: two 128-row d_k tiles, d_v = 128: two d_v tiles (4 CTAs per head)."""
+  q, k, v, g, s0, dy, ds = _inputs(9, 1, 90, 2, 256, 128, "retnet_heads")
+  _compare(q, k, v, g, s0, dy, ds, None)
+
+
 @pytest.mark.slow
 def test_kernel_wide_heads():
   """d_k = d_v = 128: two d_v tiles per head (dq/dk partial sums) and two state row blocks."""
@@ -144,6 +173,8 @@ def test_kernel_random_shapes(t, kind, seg, s0):
     dict(kind="retnet", seg=True, s0=True),
     dict(kind="none", seg=True),
     dict(kind="retnet", dk=128, dv=128, s0=True),
+    dict(kind="retnet", dk=273, dv=64, seg=True, s0=True),     # Based f = 16: 5 d_k tiles
+    dict(kind="none", dk=256, dv=128),                          # 2 d_k tiles of 128
 ])
 def test_lowers_for_cuda(case):
   """Forward and backward go through the real Pallas -> Mosaic GPU lowering (layout inference,
@@ -181,7 +212,9 @@ def test_supported_reasons():
   assert lak_gpu.supported(q, k, v, g[..., 0]) is None
   assert "dtype" in lak_gpu.supported(q.astype(jnp.float32), k, v)
   assert "mixed" in lak_gpu.supported(q, k.astype(jnp.float16), v)
-  wide = jnp.zeros((1, 8, 2, 192), jnp.bfloat16)
+  assert lak_gpu.supported(jnp.zeros((1, 8, 2, 273), jnp.bfloat16),
+                           jnp.zeros((1, 8, 2, 273), jnp.bfloat16), v) is None
+  wide = jnp.zeros((1, 8, 2, lak_gpu.MAX_DK + 1), jnp.bfloat16)
   assert "d_k" in lak_gpu.supported(wide, wide, v)
   assert "chunk_size" in lak_gpu.supported(q, k, v, block_sizes=BlockSizes(chunk_size=128))
   with pytest.raises(ValueError, match="GLA"):

@@ -20,7 +20,7 @@ Which implementation runs (``impl``):
 * ``"pallas"``: the kernel of the current TPU/GPU; on CPU the kernel named by ``backend``
   ("tpu", the default, or "gpu") in interpret mode.
 Fallback to XLA (under ``"pallas"`` with a warning): on GPU where ``gpu.supported`` gives a
-reason (GLA gates, float32 inputs, d_k > 128, chunk_size != 64). ``fallback_reason(...)`` tells
+reason (GLA gates, float32 inputs, d_k > 512, chunk_size != 64). ``fallback_reason(...)`` tells
 in advance.
 """
 

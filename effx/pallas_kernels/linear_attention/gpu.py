@@ -2,8 +2,13 @@
 
 Layout: q/k/v stay ``[batch, T_p, heads, d]`` (T padded to a multiple of the chunk C = 64, d_k
 and d_v to multiples of 64 with zeros, which change nothing). One CTA (one warpgroup) owns one
-(batch, head, 64-wide d_v tile) and walks the chunks sequentially; the state tile
-``S: [d_k, 64]`` stays in registers (float32, WGMMA layout) across chunks. Every matmul is a
+(batch, head, 64-wide d_v tile, d_k tile) and walks the chunks sequentially; its state tile
+``S_r: [d_k tile, 64]`` stays in registers (float32, WGMMA layout) across chunks. The d_k tile
+is the whole padded d_k up to 128, else 128 or 64 rows (``_k_tile``: Based's Taylor features,
+d_k = 273 -> 320, run five 64-row tiles). Everything is linear in the d_k split
+(``Q Kᵀ = Σ_r Q_r K_rᵀ``, the masks are elementwise), so each CTA computes its tile's share of
+y (and of dV) and XLA adds the float32 partials; registers and shared memory per CTA stay
+those of d_k <= 128. Every matmul is a
 WGMMA with bf16/f16 operands and float32 accumulation; the inputs of chunk n+1 are fetched by
 TMA into the other half of a two-slot shared-memory ring while chunk n computes.
 
@@ -19,13 +24,14 @@ with m/l/keep the segment masks of ``tpu.py``):
   cotangent): ``dA = (dY Vᵀ) ⊙ D``, ``dV = Aᵀ dY + rk ⊙ (K dS)``, ``dK = dAᵀ Q + rk ⊙ (V dSᵀ)``,
   ``dQ = dA K + rq ⊙ (dY S_prevᵀ)``, ``dS <- a·dS + Qᵀ (rq ⊙ dY)``; A and dA go through shared
   memory so that their transposes are WGMMA operands. dQ and dK are per-d_v-tile partial sums
-  (float32 ``[n_v, B, T_p, H, d_k]``) that XLA adds. The decay gradient needs no kernel (as in
+  (float32 ``[n_v, B, T_p, H, d_k]``) and dV per-d_k-tile ones (``[n_k, ...]``, dY Vᵀ is
+  recomputed by every d_k tile) that XLA adds. The decay gradient needs no kernel (as in
   ``tpu.py``): ``dL/dG_t = q_t·dq_t - k_t·dk_t`` (+ the final state's ``Σ S ⊙ dS`` at the last
   token), reverse-cumsummed by XLA.
 
 Supported (``supported`` names the reason otherwise; the entry point then runs XLA): bf16/f16
 q/k/v of one dtype, decay kinds "none" and "retnet", segment ids, an initial state,
-``d_k <= 128`` and ``d_v`` any size after padding to 64, chunk_size 64. Not supported: GLA
+``d_k <= 512`` (tested up to 320) and ``d_v`` any size after padding to 64, chunk_size 64. Not supported: GLA
 gates (per-channel decays need the sub-chunk factorisation, not ported), float32 inputs
 (WGMMA's float32 form is tf32 and has no transposed operands).
 
@@ -50,7 +56,8 @@ from effx.pallas_kernels.linear_attention.config import BlockSizes
 
 CHUNK = 64          # tokens per chunk = WGMMA M of one warpgroup
 TILE = 64           # d_v tile per CTA and the padding unit of d_k / d_v (128-byte bf16 rows)
-MAX_DK = 128        # the [d_k, 64] float32 state tile lives in registers
+MAX_KT = 128        # d_k rows of one CTA's state tile ([d_k tile, 64] float32 in registers)
+MAX_DK = 512        # larger d_k runs XLA (tested up to 320: Based's 273 padded)
 LOG2E = math.log2(math.e)
 
 
@@ -84,6 +91,19 @@ def supported(q, k, v, log_decay=None, block_sizes: BlockSizes | None = None) ->
 
 def _pad64(d: int) -> int:
   return -(-d // TILE) * TILE
+
+
+def _k_tile(dkp: int) -> int:
+  """d_k rows per CTA: all of the padded d_k up to 128, else 128 where it divides, else 64."""
+  if dkp <= MAX_KT:
+    return dkp
+  return MAX_KT if dkp % MAX_KT == 0 else TILE
+
+
+def _grid_ids(nk: int):
+  """(vt, kt): the d_v and d_k tile of this CTA from the combined grid axis "vk"."""
+  vk = lax.axis_index("vk")
+  return lax.div(vk, nk), lax.rem(vk, nk)
 
 
 def _bf16_tiles():
@@ -250,6 +270,9 @@ def _load_state(src_ref, buf, bar, nb: int):
 def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: bool, interpret):
   """Kernel layout in, ``(y [B, T_p, H, d_v], S_final f32 [B, H, d_k, d_v], states | None)``.
 
+  With n_k > 1 d_k tiles (``_k_tile``) every CTA computes the partial output of its d_k rows
+  (``(Q_r K_rᵀ ⊙ D) V + rq ⊙ (Q_r S_r)``, float32) and XLA sums the n_k partials.
+
   q, k: ``[B, T_p, H, d_k]``; v: ``[B, T_p, H, d_v]`` (padded); vecs: float32
   ``[n_vec, B, H, T_p]`` or None; doc: int32 ``[B, T_p]`` or None; chunk_decay: float32
   ``[B, H, N]`` or None; s0: float32 ``[B, H, d_k, d_v]`` or None. states: the bf16/f16
@@ -257,8 +280,10 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
   """
   bsz, tp, h, dk = q.shape
   dvp = v.shape[-1]
-  nv, nc, nb = dvp // TILE, st.num_chunks, dk // TILE
+  kts = _k_tile(dk)
+  nv, nk, nc, nb = dvp // TILE, dk // kts, st.num_chunks, kts // TILE
   dtype = q.dtype
+  ydt = dtype if nk == 1 else jnp.float32
   nvec = _n_vecs(st)
   tiles = _bf16_tiles()
 
@@ -266,13 +291,14 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
              smem, bars):
     (q_s, k_s, v_s, vec_s, doc_s, st_s, vs_s, y_s, p_s, f32_s) = smem
     (q_bar, k_bar, v_bar, vec_bar, doc_bar, s0_bar) = bars
-    bi, hi, vt = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("vt")
-    cols = pl.ds(vt * TILE, TILE)
+    bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
+    vt, kt = _grid_ids(nk)
+    cols, kcols = pl.ds(vt * TILE, TILE), pl.ds(kt * kts, kts)
 
     def fetch(n, slot):
       rows = pl.ds(n * CHUNK, CHUNK)
-      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_s.at[slot], q_bar.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_s.at[slot], k_bar.at[slot])
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi, kcols], q_s.at[slot], q_bar.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi, kcols], k_s.at[slot], k_bar.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi, cols], v_s.at[slot], v_bar.at[slot])
       _fetch_vecs(vec_ref, doc_ref, vec_s, doc_s, vec_bar, doc_bar, bi, hi, rows, slot, st)
 
@@ -283,7 +309,7 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
 
     fetch(0, 0)
     if st.has_s0:
-      s_init = _load_state(s0_ref.at[bi, hi, :, cols], f32_s, s0_bar, nb)
+      s_init = _load_state(s0_ref.at[bi, hi, kcols, cols], f32_s, s0_bar, nb)
     else:
       s_init = tuple(_zeros((TILE, TILE)) for _ in range(nb))
     for r in range(nb):
@@ -300,7 +326,7 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
       wait(slot)
       q_n, k_n, v_n = q_s.at[slot], k_s.at[slot], v_s.at[slot]
       if save_states:
-        plgpu.copy_smem_to_gmem(st_s, states_ref.at[bi, hi, n, :, cols])
+        plgpu.copy_smem_to_gmem(st_s, states_ref.at[bi, hi, n, kcols, cols])
       qk = _mm(q_n, _t(k_n), (CHUNK, CHUNK), st)
       p = _apply_mask(qk, _decay_mask(vec_s, doc_s, slot, st)).astype(dtype)
       y = _mm(_lhs(p, p_s, st), v_n, (CHUNK, TILE), st)
@@ -312,9 +338,9 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
         qs = qs * _row(rq, qs.shape)
         vv = plgpu.load(v_n, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
         vs_s[...] = (vv * _row(rk, vv.shape)).astype(dtype)
-      y_s[...] = (y + qs).astype(dtype)
+      y_s[...] = (y + qs).astype(ydt)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(y_s, y_ref.at[bi, pl.ds(n * CHUNK, CHUNK), hi, cols])
+      plgpu.copy_smem_to_gmem(y_s, y_ref.at[kt, bi, pl.ds(n * CHUNK, CHUNK), hi, cols])
       decay = a_ref[bi, hi, n] if st.has_scale else None
       new = []
       for r in range(nb):
@@ -331,7 +357,7 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
     for r in range(nb):
       f32_s[...] = s[r]
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(f32_s, sf_ref.at[bi, hi, pl.ds(r * TILE, TILE), cols])
+      plgpu.copy_smem_to_gmem(f32_s, sf_ref.at[bi, hi, pl.ds(kt * kts + r * TILE, TILE), cols])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     plgpu.wait_smem_to_gmem(0)
 
@@ -344,13 +370,14 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
     s0_ref = next(it) if st.has_s0 else None
     y_ref, sf_ref = next(it), next(it)
     states_ref = next(it) if save_states else None
-    smem = (plgpu.SMEM((2, CHUNK, dk), dtype, transforms=tiles),
-            plgpu.SMEM((2, CHUNK, dk), dtype, transforms=tiles),
+    smem = (plgpu.SMEM((2, CHUNK, kts), dtype, transforms=tiles),
+            plgpu.SMEM((2, CHUNK, kts), dtype, transforms=tiles),
             plgpu.SMEM((2, CHUNK, TILE), dtype, transforms=tiles),
             *_vec_smem(st),
-            plgpu.SMEM((dk, TILE), dtype, transforms=tiles),
+            plgpu.SMEM((kts, TILE), dtype, transforms=tiles),
             plgpu.SMEM((CHUNK, TILE), dtype, transforms=tiles) if st.has_scale else None,
-            plgpu.SMEM((CHUNK, TILE), dtype, transforms=tiles),
+            plgpu.SMEM((CHUNK, TILE), ydt,
+                       transforms=tiles if nk == 1 else _f32_tiles()),
             plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles) if st.interpreting else None,
             plgpu.SMEM((TILE, TILE), jnp.float32, transforms=_f32_tiles()))
     bars = (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
@@ -365,14 +392,16 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
   args += [doc] if st.has_seg else []
   args += [chunk_decay] if st.has_scale else []
   args += [s0] if st.has_s0 else []
-  out_type = [jax.ShapeDtypeStruct((bsz, tp, h, dvp), dtype),
+  out_type = [jax.ShapeDtypeStruct((nk, bsz, tp, h, dvp), ydt),
               jax.ShapeDtypeStruct((bsz, h, dk, dvp), jnp.float32)]
   if save_states:
     out_type.append(jax.ShapeDtypeStruct((bsz, h, nc, dk, dvp), dtype))
   outs = plgpu.kernel(
-      entry, out_type=tuple(out_type), grid=(nv, h, bsz), grid_names=("vt", "heads", "batch"),
+      entry, out_type=tuple(out_type), grid=(nv * nk, h, bsz),
+      grid_names=("vk", "heads", "batch"),
       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)(*args)
-  return outs[0], outs[1], (outs[2] if save_states else None)
+  y = outs[0][0] if nk == 1 else jnp.sum(outs[0], 0).astype(dtype)
+  return y, outs[1], (outs[2] if save_states else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,10 +414,13 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
   states and the final-state cotangent dsf (float32 ``[B, H, d_k, d_v]``).
 
   Returns float32 ``(dq, dk [B, T_p, H, d_k], dv [B, T_p, H, d_v], dS_0 [B, H, d_k, d_v])``.
+  A CTA owns one (d_v tile, d_k tile): dq and dk are partial sums over the d_v tiles, dv over
+  the d_k tiles (``Aᵀ`` too is split by d_k rows: ``A = Σ_r Q_r K_rᵀ ⊙ D``); XLA adds them.
   """
   bsz, tp, h, dk = q.shape
   dvp = v.shape[-1]
-  nv, nc, nb = dvp // TILE, st.num_chunks, dk // TILE
+  kts = _k_tile(dk)
+  nv, nk, nc, nb = dvp // TILE, dk // kts, st.num_chunks, kts // TILE
   dtype = q.dtype
   nvec = _n_vecs(st)
   tiles = _bf16_tiles()
@@ -397,17 +429,19 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
              dq_ref, dk_ref, dv_ref, ds0_ref, smem, bars):
     (q_s, k_s, v_s, dy_s, sp_s, vec_s, doc_s, ds_s, a_s, da_s, dys_s, out_s) = smem
     (q_bar, k_bar, v_bar, dy_bar, sp_bar, vec_bar, doc_bar, st_bar) = bars
-    bi, hi, vt = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("vt")
-    cols = pl.ds(vt * TILE, TILE)
+    bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
+    vt, kt = _grid_ids(nk)
+    cols, kcols = pl.ds(vt * TILE, TILE), pl.ds(kt * kts, kts)
 
     def fetch(n, slot):
       ci = nc - 1 - n
       rows = pl.ds(ci * CHUNK, CHUNK)
-      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_s.at[slot], q_bar.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_s.at[slot], k_bar.at[slot])
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi, kcols], q_s.at[slot], q_bar.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi, kcols], k_s.at[slot], k_bar.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi, cols], v_s.at[slot], v_bar.at[slot])
       plgpu.copy_gmem_to_smem(dy_ref.at[bi, rows, hi, cols], dy_s.at[slot], dy_bar.at[slot])
-      plgpu.copy_gmem_to_smem(sp_ref.at[bi, hi, ci, :, cols], sp_s.at[slot], sp_bar.at[slot])
+      plgpu.copy_gmem_to_smem(sp_ref.at[bi, hi, ci, kcols, cols], sp_s.at[slot],
+                              sp_bar.at[slot])
       _fetch_vecs(vec_ref, doc_ref, vec_s, doc_s, vec_bar, doc_bar, bi, hi, rows, slot, st)
 
     def wait(slot):
@@ -432,7 +466,7 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
       return emit
 
     fetch(0, 0)
-    ds_init = _load_state(dsf_ref.at[bi, hi, :, cols], out_s.at[0], st_bar, nb)
+    ds_init = _load_state(dsf_ref.at[bi, hi, kcols, cols], out_s.at[0], st_bar, nb)
     for r in range(nb):
       _blk(ds_s, r, nb, 0)[...] = ds_init[r].astype(dtype)
     plgpu.commit_smem()
@@ -469,11 +503,11 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
       for r in range(nb):
         kds = _mm(_blk(k_n, r, nb, 1), _blk(ds_s, r, nb, 0), shape, st, acc=kds)
       emit(_mm(_t(a_s), dy_n, shape, st) + scaled(kds, rk),
-           dv_ref.at[bi, rows, hi, cols])
+           dv_ref.at[kt, bi, rows, hi, cols])
       # dK = dAᵀ Q + rk ⊙ (V dSᵀ), dQ = dA K + rq ⊙ (dY S_prevᵀ), one 64-column block at a time
       da_lhs = da_s if st.interpreting else da
       for r in range(nb):
-        dcols = pl.ds(r * TILE, TILE)
+        dcols = pl.ds(kt * kts + r * TILE, TILE)
         vds = _mm(v_n, _t(_blk(ds_s, r, nb, 0)), shape, st)
         emit(_mm(_t(da_s), _blk(q_n, r, nb, 1), shape, st) + scaled(vds, rk),
              dk_ref.at[vt, bi, rows, hi, dcols])
@@ -495,7 +529,7 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
     ds = lax.fori_loop(0, nc, step, ds_init)
     emit = emitter()
     for r in range(nb):
-      emit(ds[r], ds0_ref.at[bi, hi, pl.ds(r * TILE, TILE), cols])
+      emit(ds[r], ds0_ref.at[bi, hi, pl.ds(kt * kts + r * TILE, TILE), cols])
     plgpu.wait_smem_to_gmem(0)
 
   def entry(*refs):
@@ -505,13 +539,13 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
     doc_ref = next(it) if st.has_seg else None
     a_ref = next(it) if st.has_scale else None
     sp_ref, dsf_ref, dq_ref, dk_ref, dv_ref, ds0_ref = (next(it) for _ in range(6))
-    smem = (plgpu.SMEM((2, CHUNK, dk), dtype, transforms=tiles),
-            plgpu.SMEM((2, CHUNK, dk), dtype, transforms=tiles),
+    smem = (plgpu.SMEM((2, CHUNK, kts), dtype, transforms=tiles),
+            plgpu.SMEM((2, CHUNK, kts), dtype, transforms=tiles),
             plgpu.SMEM((2, CHUNK, TILE), dtype, transforms=tiles),
             plgpu.SMEM((2, CHUNK, TILE), dtype, transforms=tiles),
-            plgpu.SMEM((2, dk, TILE), dtype, transforms=tiles),
+            plgpu.SMEM((2, kts, TILE), dtype, transforms=tiles),
             *_vec_smem(st),
-            plgpu.SMEM((dk, TILE), dtype, transforms=tiles),
+            plgpu.SMEM((kts, TILE), dtype, transforms=tiles),
             plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles),
             plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles),
             plgpu.SMEM((CHUNK, TILE), dtype, transforms=tiles) if st.has_scale else None,
@@ -529,12 +563,12 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
   args += [states, dsf]
   out_type = (jax.ShapeDtypeStruct((nv, bsz, tp, h, dk), jnp.float32),
               jax.ShapeDtypeStruct((nv, bsz, tp, h, dk), jnp.float32),
-              jax.ShapeDtypeStruct((bsz, tp, h, dvp), jnp.float32),
+              jax.ShapeDtypeStruct((nk, bsz, tp, h, dvp), jnp.float32),
               jax.ShapeDtypeStruct((bsz, h, dk, dvp), jnp.float32))
   dq, dk_, dv, ds0 = plgpu.kernel(
-      entry, out_type=out_type, grid=(nv, h, bsz), grid_names=("vt", "heads", "batch"),
+      entry, out_type=out_type, grid=(nv * nk, h, bsz), grid_names=("vk", "heads", "batch"),
       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)(*args)
-  return jnp.sum(dq, 0), jnp.sum(dk_, 0), dv, ds0
+  return jnp.sum(dq, 0), jnp.sum(dk_, 0), jnp.sum(dv, 0), ds0
 
 
 # ------------------------------------------------------------------------------------------------
