@@ -46,6 +46,8 @@ def _inputs(seed, b, t, h, dk, dv, kind, dtype=jnp.bfloat16):
     g = jnp.log1p(-jnp.exp2(-4.0 - jnp.arange(h, dtype=jnp.float32)))
   elif kind == "gla":
     g = -0.1 * jax.nn.softplus(jax.random.normal(ks[3], (b, t, h, dk)))
+  elif kind == "gla_strong":    # e^{G} spans far beyond float32 within one chunk
+    g = -3.0 * jax.nn.softplus(2.0 * jax.random.normal(ks[3], (b, t, h, dk)))
   s0 = jax.random.normal(ks[4], (b, h, dk, dv), jnp.float32)
   dy = jax.random.normal(ks[5], (b, t, h, dv), jnp.float32).astype(dtype)
   ds = jax.random.normal(ks[6], (b, h, dk, dv), jnp.float32)
@@ -110,6 +112,10 @@ def _compare(q, k, v, g, s0, dy, ds, seg):
     dict(t=70, kind="retnet_heads", dk=16, dv=48, s0=True, dtype=jnp.float16),
     # segments without decay, one chunk shorter than C
     dict(t=40, kind="none", seg=True, b=2),
+    # GLA per-channel gates (inter-chunk kernel + XLA sub-chunk intra part), segments, s0
+    dict(t=100, kind="gla", seg=True, s0=True),
+    # strong GLA gates (the exponents must stay <= 0), d_k = 73 (padded to 128), f16
+    dict(t=70, kind="gla_strong", dk=73, s0=True, dtype=jnp.float16),
 ])
 def test_kernel_matches_reference(case):
   c = dict(b=1, h=2, dk=64, dv=64, seg=False, s0=False, dtype=jnp.bfloat16) | case
@@ -175,6 +181,8 @@ def test_kernel_random_shapes(t, kind, seg, s0):
     dict(kind="retnet", dk=128, dv=128, s0=True),
     dict(kind="retnet", dk=273, dv=64, seg=True, s0=True),     # Based f = 16: 5 d_k tiles
     dict(kind="none", dk=256, dv=128),                          # 2 d_k tiles of 128
+    dict(kind="gla", dk=64, dv=64, seg=True, s0=True),          # GLA: inter-chunk kernel
+    dict(kind="gla", dk=273, dv=128),                           # GLA with 5 d_k tiles
 ])
 def test_lowers_for_cuda(case):
   """Forward and backward go through the real Pallas -> Mosaic GPU lowering (layout inference,
@@ -185,7 +193,8 @@ def test_lowers_for_cuda(case):
   sds = jax.ShapeDtypeStruct
   q = sds((b, t, h, c["dk"]), jnp.bfloat16)
   v = sds((b, t, h, c["dv"]), jnp.bfloat16)
-  g = sds((h,), jnp.float32) if c["kind"] == "retnet" else None
+  g = {"retnet": sds((h,), jnp.float32), "gla": sds((b, t, h, c["dk"]), jnp.float32),
+       "none": None}[c["kind"]]
   s0 = sds((b, h, c["dk"], c["dv"]), jnp.float32) if c["s0"] else None
   seg = sds((b, t), jnp.int32) if c["seg"] else None
 
@@ -208,7 +217,7 @@ def test_lowers_for_cuda(case):
 
 def test_supported_reasons():
   q, k, v, g, _, _, _ = _inputs(1, 1, 8, 2, 64, 64, "gla")
-  assert "GLA" in lak_gpu.supported(q, k, v, g)
+  assert lak_gpu.supported(q, k, v, g) is None
   assert lak_gpu.supported(q, k, v, g[..., 0]) is None
   assert "dtype" in lak_gpu.supported(q.astype(jnp.float32), k, v)
   assert "mixed" in lak_gpu.supported(q, k.astype(jnp.float16), v)
@@ -217,8 +226,8 @@ def test_supported_reasons():
   wide = jnp.zeros((1, 8, 2, lak_gpu.MAX_DK + 1), jnp.bfloat16)
   assert "d_k" in lak_gpu.supported(wide, wide, v)
   assert "chunk_size" in lak_gpu.supported(q, k, v, block_sizes=BlockSizes(chunk_size=128))
-  with pytest.raises(ValueError, match="GLA"):
-    lak_gpu.linear_attention_gpu(q, k, v, log_decay=g)
+  with pytest.raises(ValueError, match="dtype"):
+    lak_gpu.linear_attention_gpu(q.astype(jnp.float32), k, v, log_decay=g)
 
 
 def test_entry_point_gpu_dispatch():
@@ -236,9 +245,10 @@ def test_entry_point_gpu_dispatch():
 
 
 def test_entry_point_gpu_fallbacks():
-  """GLA and float32 inputs run the XLA reference under impl="pallas", with a warning."""
+  """float32 inputs (with or without GLA gates) run the XLA reference under impl="pallas",
+  with a warning."""
   q, k, v, g, s0, _, _ = _inputs(17, 1, 30, 2, 16, 16, "gla", jnp.float32)
-  assert "GLA" in lak.fallback_reason("pallas", "gpu", q=q, k=k, v=v, log_decay=g)
+  assert "dtype" in lak.fallback_reason("pallas", "gpu", q=q, k=k, v=v, log_decay=g)
   assert "dtype" in lak.fallback_reason("pallas", "gpu", q=q, k=k, v=v)
   for log_decay in (g, None):
     want = jax.jit(lak.linear_attention_reference)(q, k, v, log_decay=log_decay,

@@ -20,7 +20,8 @@ Which implementation runs (``impl``):
 * ``"pallas"``: the kernel of the current TPU/GPU; on CPU the kernel named by ``backend``
   ("tpu", the default, or "gpu") in interpret mode.
 Fallback to XLA (under ``"pallas"`` with a warning): on GPU where ``gpu.supported`` gives a
-reason (GLA gates, float32 inputs, d_k > 512, chunk_size != 64). ``fallback_reason(...)`` tells
+reason (float32 inputs, d_k > 512, chunk_size != 64). On GPU, GLA's intra-chunk term is XLA
+(sub-chunk form) and the kernel runs the inter-chunk recurrence (``gpu.py``). ``fallback_reason(...)`` tells
 in advance.
 """
 

@@ -8,8 +8,8 @@ is the whole padded d_k up to 128, else 128 or 64 rows (``_k_tile``: Based's Tay
 d_k = 273 -> 320, run five 64-row tiles). Everything is linear in the d_k split
 (``Q Kᵀ = Σ_r Q_r K_rᵀ``, the masks are elementwise), so each CTA computes its tile's share of
 y (and of dV) and XLA adds the float32 partials; registers and shared memory per CTA stay
-those of d_k <= 128. Every matmul is a
-WGMMA with bf16/f16 operands and float32 accumulation; the inputs of chunk n+1 are fetched by
+those of d_k <= 128. Every matmul is a WGMMA with bf16/f16 operands and float32
+accumulation; the inputs of chunk n+1 are fetched by
 TMA into the other half of a two-slot shared-memory ring while chunk n computes.
 
 Per chunk (XLA prepares per-token float32 vectors, see ``_prepare``; ``b`` = in-chunk
@@ -29,11 +29,19 @@ with m/l/keep the segment masks of ``tpu.py``):
   ``tpu.py``): ``dL/dG_t = q_t·dq_t - k_t·dk_t`` (+ the final state's ``Σ S ⊙ dS`` at the last
   token), reverse-cumsummed by XLA.
 
+GLA (per-channel gates ``[B, T, H, d_k]``): the intra-chunk term needs per-channel pair
+exponents, so it stays in XLA (``reference.py``'s sub-chunk form, every exponent <= 0, plain
+autodiff); the kernels run the inter-chunk recurrence only, on ``q_in = q ⊙ e^{b}·m`` and
+``k_out = k ⊙ e^{b_C - b}·l`` (exponents <= 0, prepared by XLA in the inputs' dtype):
+``y += q_in S``, ``S <- diag(e^{b_C}·keep) S + k_outᵀ V`` (the per-channel chunk decay is a
+per-row scale of the state tile), and in the backward ``dQ_in = dY S_prevᵀ``,
+``dK_out = V dSᵀ``, ``dV = K_out dS``, ``dS <- diag(a) dS + Q_inᵀ dY``. Its gate gradient is
+the same identity per channel (``q_t ⊙ dq_t - k_t ⊙ dk_t`` over the inter-chunk part).
+
 Supported (``supported`` names the reason otherwise; the entry point then runs XLA): bf16/f16
-q/k/v of one dtype, decay kinds "none" and "retnet", segment ids, an initial state,
-``d_k <= 512`` (tested up to 320) and ``d_v`` any size after padding to 64, chunk_size 64. Not supported: GLA
-gates (per-channel decays need the sub-chunk factorisation, not ported), float32 inputs
-(WGMMA's float32 form is tf32 and has no transposed operands).
+q/k/v of one dtype, decay kinds "none", "retnet" and "gla", segment ids, an initial state,
+``d_k <= 512`` (tested up to 320) and ``d_v`` any size after padding to 64, chunk_size 64.
+Not supported: float32 inputs (WGMMA's float32 form is tf32 and has no transposed operands).
 
 Interpret mode (``plgpu.InterpretGPUParams``, CPU) cannot feed WGMMA from registers nor run
 ``pl.run_state``: there register operands go through shared memory and accumulations are a
@@ -66,6 +74,7 @@ class _Static:
   """Trace-time constants of one kernel call."""
   has_b: bool         # retnet: in-chunk decay mask from the per-token cumulative log-decay
   has_scale: bool     # rq / rk / a present (retnet or segments)
+  gla: bool           # per-channel gates: inter-chunk part only (inputs q_in, k_out prescaled)
   has_seg: bool       # document mask inside the chunk
   has_s0: bool
   num_chunks: int
@@ -74,9 +83,7 @@ class _Static:
 
 def supported(q, k, v, log_decay=None, block_sizes: BlockSizes | None = None) -> str | None:
   """None if the Mosaic GPU kernels handle this call, else the reason they do not."""
-  kind = ref_lib.decay_kind(q, log_decay)
-  if kind == "gla":
-    return "GLA per-channel gates (the GPU kernel has no sub-chunk path; XLA chunked form)"
+  ref_lib.decay_kind(q, log_decay)
   dt = jnp.dtype(q.dtype)
   if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"dtype {q.dtype} (the Mosaic GPU kernel takes bf16/f16)"
@@ -234,6 +241,27 @@ def _vec_barriers(st: _Static):
           plgpu.Barrier(num_barriers=4) if st.has_seg else None)
 
 
+def _chan_smem(st: _Static, nb: int):
+  """GLA: the chunk decay ``e^{b_C}`` of the CTA's d_k rows, float32 ``[2 slots, nb, 64]``."""
+  return plgpu.SMEM((2, nb, TILE), jnp.float32) if st.gla else None
+
+
+def _fetch_chan(a_ref, ch_s, ch_bar, bi, hi, kt, n, slot, nb: int, st: _Static):
+  if st.gla:
+    plgpu.copy_gmem_to_smem(a_ref.at[bi, hi, n, pl.ds(kt * nb, nb)], ch_s.at[slot],
+                            ch_bar.at[slot])
+
+
+def _decayed(x, r: int, a_ref, ch_s, bi, hi, n, slot, st: _Static):
+  """State block r (``[64, 64]`` float32) times its chunk decay: a scalar (retnet/segments),
+  per-row (GLA's per-channel gates: ``diag(e^{b_C}) S``) or none."""
+  if st.gla:
+    return x * _row(plgpu.load(ch_s.at[slot, r], layout=plgpu.Layout.WGMMA.reduce(1)), x.shape)
+  if st.has_scale:
+    return x * a_ref[bi, hi, n]
+  return x
+
+
 def _blk(ref, r: int, nb: int, axis: int):
   """The r-th 64-wide block of a tiled shared-memory ref along ``axis`` (itself if nb == 1)."""
   if nb == 1:
@@ -283,14 +311,14 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
   kts = _k_tile(dk)
   nv, nk, nc, nb = dvp // TILE, dk // kts, st.num_chunks, kts // TILE
   dtype = q.dtype
-  ydt = dtype if nk == 1 else jnp.float32
+  ydt = dtype if nk == 1 and not st.gla else jnp.float32
   nvec = _n_vecs(st)
   tiles = _bf16_tiles()
 
   def kernel(q_ref, k_ref, v_ref, vec_ref, doc_ref, a_ref, s0_ref, y_ref, sf_ref, states_ref,
              smem, bars):
-    (q_s, k_s, v_s, vec_s, doc_s, st_s, vs_s, y_s, p_s, f32_s) = smem
-    (q_bar, k_bar, v_bar, vec_bar, doc_bar, s0_bar) = bars
+    (q_s, k_s, v_s, vec_s, doc_s, ch_s, st_s, vs_s, y_s, p_s, f32_s) = smem
+    (q_bar, k_bar, v_bar, vec_bar, doc_bar, ch_bar, s0_bar) = bars
     bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
     vt, kt = _grid_ids(nk)
     cols, kcols = pl.ds(vt * TILE, TILE), pl.ds(kt * kts, kts)
@@ -301,9 +329,10 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
       plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi, kcols], k_s.at[slot], k_bar.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi, cols], v_s.at[slot], v_bar.at[slot])
       _fetch_vecs(vec_ref, doc_ref, vec_s, doc_s, vec_bar, doc_bar, bi, hi, rows, slot, st)
+      _fetch_chan(a_ref, ch_s, ch_bar, bi, hi, kt, n, slot, nb, st)
 
     def wait(slot):
-      for bar in (q_bar, k_bar, v_bar):
+      for bar in (q_bar, k_bar, v_bar) + ((ch_bar,) if st.gla else ()):
         plgpu.barrier_wait(bar.at[slot])
       _wait_vecs(vec_bar, doc_bar, slot, st)
 
@@ -327,9 +356,11 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
       q_n, k_n, v_n = q_s.at[slot], k_s.at[slot], v_s.at[slot]
       if save_states:
         plgpu.copy_smem_to_gmem(st_s, states_ref.at[bi, hi, n, kcols, cols])
-      qk = _mm(q_n, _t(k_n), (CHUNK, CHUNK), st)
-      p = _apply_mask(qk, _decay_mask(vec_s, doc_s, slot, st)).astype(dtype)
-      y = _mm(_lhs(p, p_s, st), v_n, (CHUNK, TILE), st)
+      y = None
+      if not st.gla:
+        qk = _mm(q_n, _t(k_n), (CHUNK, CHUNK), st)
+        p = _apply_mask(qk, _decay_mask(vec_s, doc_s, slot, st)).astype(dtype)
+        y = _mm(_lhs(p, p_s, st), v_n, (CHUNK, TILE), st)
       qs = None
       for r in range(nb):
         qs = _mm(_blk(q_n, r, nb, 1), _blk(st_s, r, nb, 0), (CHUNK, TILE), st, acc=qs)
@@ -338,13 +369,12 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
         qs = qs * _row(rq, qs.shape)
         vv = plgpu.load(v_n, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
         vs_s[...] = (vv * _row(rk, vv.shape)).astype(dtype)
-      y_s[...] = (y + qs).astype(ydt)
+      y_s[...] = (qs if y is None else y + qs).astype(ydt)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(y_s, y_ref.at[kt, bi, pl.ds(n * CHUNK, CHUNK), hi, cols])
-      decay = a_ref[bi, hi, n] if st.has_scale else None
       new = []
       for r in range(nb):
-        s_r = s[r] if decay is None else s[r] * decay
+        s_r = _decayed(s[r], r, a_ref, ch_s, bi, hi, n, slot, st)
         new.append(_mm(_t(_blk(k_n, r, nb, 1)), vs_s if st.has_scale else v_n, (TILE, TILE),
                        st, acc=s_r))
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # y_s and st_s are free again
@@ -366,7 +396,7 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
     q_ref, k_ref, v_ref = next(it), next(it), next(it)
     vec_ref = next(it) if nvec else None
     doc_ref = next(it) if st.has_seg else None
-    a_ref = next(it) if st.has_scale else None
+    a_ref = next(it) if st.has_scale or st.gla else None
     s0_ref = next(it) if st.has_s0 else None
     y_ref, sf_ref = next(it), next(it)
     states_ref = next(it) if save_states else None
@@ -374,15 +404,18 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
             plgpu.SMEM((2, CHUNK, kts), dtype, transforms=tiles),
             plgpu.SMEM((2, CHUNK, TILE), dtype, transforms=tiles),
             *_vec_smem(st),
+            _chan_smem(st, nb),
             plgpu.SMEM((kts, TILE), dtype, transforms=tiles),
             plgpu.SMEM((CHUNK, TILE), dtype, transforms=tiles) if st.has_scale else None,
             plgpu.SMEM((CHUNK, TILE), ydt,
-                       transforms=tiles if nk == 1 else _f32_tiles()),
-            plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles) if st.interpreting else None,
+                       transforms=tiles if ydt == dtype else _f32_tiles()),
+            (plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles)
+             if st.interpreting and not st.gla else None),
             plgpu.SMEM((TILE, TILE), jnp.float32, transforms=_f32_tiles()))
     bars = (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
             plgpu.Barrier(num_barriers=2),
             *_vec_barriers(st),
+            plgpu.Barrier(num_barriers=2) if st.gla else None,
             plgpu.Barrier(num_barriers=1) if st.has_s0 else None)
     pl.run_scoped(lambda sm, br: kernel(q_ref, k_ref, v_ref, vec_ref, doc_ref, a_ref, s0_ref,
                                         y_ref, sf_ref, states_ref, sm, br), smem, bars)
@@ -390,7 +423,7 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
   args = [q, k, v]
   args += [vecs] if nvec else []
   args += [doc] if st.has_seg else []
-  args += [chunk_decay] if st.has_scale else []
+  args += [chunk_decay] if st.has_scale or st.gla else []
   args += [s0] if st.has_s0 else []
   out_type = [jax.ShapeDtypeStruct((nk, bsz, tp, h, dvp), ydt),
               jax.ShapeDtypeStruct((bsz, h, dk, dvp), jnp.float32)]
@@ -400,7 +433,8 @@ def _fwd_call(q, k, v, vecs, doc, chunk_decay, s0, st: _Static, save_states: boo
       entry, out_type=tuple(out_type), grid=(nv * nk, h, bsz),
       grid_names=("vk", "heads", "batch"),
       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)(*args)
-  y = outs[0][0] if nk == 1 else jnp.sum(outs[0], 0).astype(dtype)
+  y = outs[0][0] if nk == 1 else jnp.sum(outs[0], 0)
+  y = y if st.gla else y.astype(dtype)
   return y, outs[1], (outs[2] if save_states else None)
 
 
@@ -427,8 +461,8 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
 
   def kernel(q_ref, k_ref, v_ref, dy_ref, vec_ref, doc_ref, a_ref, sp_ref, dsf_ref,
              dq_ref, dk_ref, dv_ref, ds0_ref, smem, bars):
-    (q_s, k_s, v_s, dy_s, sp_s, vec_s, doc_s, ds_s, a_s, da_s, dys_s, out_s) = smem
-    (q_bar, k_bar, v_bar, dy_bar, sp_bar, vec_bar, doc_bar, st_bar) = bars
+    (q_s, k_s, v_s, dy_s, sp_s, vec_s, doc_s, ch_s, ds_s, a_s, da_s, dys_s, out_s) = smem
+    (q_bar, k_bar, v_bar, dy_bar, sp_bar, vec_bar, doc_bar, ch_bar, st_bar) = bars
     bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
     vt, kt = _grid_ids(nk)
     cols, kcols = pl.ds(vt * TILE, TILE), pl.ds(kt * kts, kts)
@@ -443,9 +477,10 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
       plgpu.copy_gmem_to_smem(sp_ref.at[bi, hi, ci, kcols, cols], sp_s.at[slot],
                               sp_bar.at[slot])
       _fetch_vecs(vec_ref, doc_ref, vec_s, doc_s, vec_bar, doc_bar, bi, hi, rows, slot, st)
+      _fetch_chan(a_ref, ch_s, ch_bar, bi, hi, kt, ci, slot, nb, st)
 
     def wait(slot):
-      for bar in (q_bar, k_bar, v_bar, dy_bar, sp_bar):
+      for bar in (q_bar, k_bar, v_bar, dy_bar, sp_bar) + ((ch_bar,) if st.gla else ()):
         plgpu.barrier_wait(bar.at[slot])
       _wait_vecs(vec_bar, doc_bar, slot, st)
 
@@ -482,10 +517,12 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
 
       wait(slot)
       q_n, k_n, v_n, dy_n, sp_n = (x.at[slot] for x in (q_s, k_s, v_s, dy_s, sp_s))
-      mask = _decay_mask(vec_s, doc_s, slot, st)
-      a_s[...] = _apply_mask(_mm(q_n, _t(k_n), (CHUNK, CHUNK), st), mask).astype(dtype)
-      da = _apply_mask(_mm(dy_n, _t(v_n), (CHUNK, CHUNK), st), mask).astype(dtype)
-      da_s[...] = da
+      if not st.gla:
+        mask = _decay_mask(vec_s, doc_s, slot, st)
+        a_s[...] = _apply_mask(_mm(q_n, _t(k_n), (CHUNK, CHUNK), st), mask).astype(dtype)
+        da = _apply_mask(_mm(dy_n, _t(v_n), (CHUNK, CHUNK), st), mask).astype(dtype)
+        da_s[...] = da
+        da_lhs = da_s if st.interpreting else da
       rq = rk = None
       if st.has_scale:
         rq, rk = _scale_vecs(vec_s, slot, st)
@@ -496,29 +533,31 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
       def scaled(x, vec):
         return x if vec is None else x * _row(vec, x.shape)
 
+      def plus_intra(x, intra):
+        """x plus the intra-chunk term ``intra()`` (GLA: XLA adds that part)."""
+        return x if st.gla else intra() + x
+
       shape = (CHUNK, TILE)
       emit = emitter()
       # dV = Aᵀ dY + rk ⊙ (K dS)
       kds = None
       for r in range(nb):
         kds = _mm(_blk(k_n, r, nb, 1), _blk(ds_s, r, nb, 0), shape, st, acc=kds)
-      emit(_mm(_t(a_s), dy_n, shape, st) + scaled(kds, rk),
+      emit(plus_intra(scaled(kds, rk), lambda: _mm(_t(a_s), dy_n, shape, st)),
            dv_ref.at[kt, bi, rows, hi, cols])
       # dK = dAᵀ Q + rk ⊙ (V dSᵀ), dQ = dA K + rq ⊙ (dY S_prevᵀ), one 64-column block at a time
-      da_lhs = da_s if st.interpreting else da
       for r in range(nb):
         dcols = pl.ds(kt * kts + r * TILE, TILE)
         vds = _mm(v_n, _t(_blk(ds_s, r, nb, 0)), shape, st)
-        emit(_mm(_t(da_s), _blk(q_n, r, nb, 1), shape, st) + scaled(vds, rk),
+        emit(plus_intra(scaled(vds, rk), lambda: _mm(_t(da_s), _blk(q_n, r, nb, 1), shape, st)),
              dk_ref.at[vt, bi, rows, hi, dcols])
         dys = _mm(dy_n, _t(_blk(sp_n, r, nb, 0)), shape, st)
-        emit(_mm(da_lhs, _blk(k_n, r, nb, 1), shape, st) + scaled(dys, rq),
+        emit(plus_intra(scaled(dys, rq), lambda: _mm(da_lhs, _blk(k_n, r, nb, 1), shape, st)),
              dq_ref.at[vt, bi, rows, hi, dcols])
       # dS <- a·dS + Qᵀ (rq ⊙ dY)
-      decay = a_ref[bi, hi, ci] if st.has_scale else None
       new = []
       for r in range(nb):
-        ds_r = ds[r] if decay is None else ds[r] * decay
+        ds_r = _decayed(ds[r], r, a_ref, ch_s, bi, hi, ci, slot, st)
         new.append(_mm(_t(_blk(q_n, r, nb, 1)), dys_s if st.has_scale else dy_n, (TILE, TILE),
                        st, acc=ds_r))
       for r in range(nb):
@@ -537,7 +576,7 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
     q_ref, k_ref, v_ref, dy_ref = next(it), next(it), next(it), next(it)
     vec_ref = next(it) if nvec else None
     doc_ref = next(it) if st.has_seg else None
-    a_ref = next(it) if st.has_scale else None
+    a_ref = next(it) if st.has_scale or st.gla else None
     sp_ref, dsf_ref, dq_ref, dk_ref, dv_ref, ds0_ref = (next(it) for _ in range(6))
     smem = (plgpu.SMEM((2, CHUNK, kts), dtype, transforms=tiles),
             plgpu.SMEM((2, CHUNK, kts), dtype, transforms=tiles),
@@ -545,13 +584,15 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
             plgpu.SMEM((2, CHUNK, TILE), dtype, transforms=tiles),
             plgpu.SMEM((2, kts, TILE), dtype, transforms=tiles),
             *_vec_smem(st),
+            _chan_smem(st, nb),
             plgpu.SMEM((kts, TILE), dtype, transforms=tiles),
-            plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles),
-            plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles),
+            None if st.gla else plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles),
+            None if st.gla else plgpu.SMEM((CHUNK, CHUNK), dtype, transforms=tiles),
             plgpu.SMEM((CHUNK, TILE), dtype, transforms=tiles) if st.has_scale else None,
             plgpu.SMEM((2, TILE, TILE), jnp.float32, transforms=_f32_tiles()))
     bars = (tuple(plgpu.Barrier(num_barriers=2) for _ in range(5)) + _vec_barriers(st)
-            + (plgpu.Barrier(num_barriers=1),))
+            + (plgpu.Barrier(num_barriers=2) if st.gla else None,
+               plgpu.Barrier(num_barriers=1)))
     pl.run_scoped(lambda sm, br: kernel(q_ref, k_ref, v_ref, dy_ref, vec_ref, doc_ref, a_ref,
                                         sp_ref, dsf_ref, dq_ref, dk_ref, dv_ref, ds0_ref, sm,
                                         br), smem, bars)
@@ -559,7 +600,7 @@ def _bwd_call(q, k, v, dy, vecs, doc, chunk_decay, states, dsf, st: _Static, int
   args = [q, k, v, dy]
   args += [vecs] if nvec else []
   args += [doc] if st.has_seg else []
-  args += [chunk_decay] if st.has_scale else []
+  args += [chunk_decay] if st.has_scale or st.gla else []
   args += [states, dsf]
   out_type = (jax.ShapeDtypeStruct((nv, bsz, tp, h, dk), jnp.float32),
               jax.ShapeDtypeStruct((nv, bsz, tp, h, dk), jnp.float32),
@@ -585,8 +626,27 @@ def _pad(x, axis: int, size: int):
   return jnp.pad(x, pads)
 
 
+def _doc_masks(segment_ids, bsz: int, t: int, nc: int):
+  """Document indices and the chunk-boundary masks of ``tpu.py``.
+
+  Returns ``(doc int32 [B, T_p], m, l float32 [B, N, C], keep float32 [B, N])``: m = the token
+  sees the carried state, l = the token reaches the chunk's end state, keep = the carried state
+  survives the chunk. The padding continues the last document.
+  """
+  tp = nc * CHUNK
+  doc = _pad(ref_lib.doc_ids(segment_ids, bsz, t), 1, tp)
+  if tp > t:
+    doc = doc.at[:, t:].set(doc[:, t - 1:t])
+  dc = doc.reshape(bsz, nc, CHUNK)
+  prev = jnp.concatenate([jnp.zeros((bsz, 1), jnp.int32), dc[:, :-1, -1]], axis=1)
+  m = (dc == prev[..., None]).astype(jnp.float32)
+  l = (dc == dc[..., -1:]).astype(jnp.float32)
+  keep = (prev == dc[..., -1]).astype(jnp.float32)
+  return doc, m, l, keep
+
+
 def _prepare(g, segment_ids, bsz: int, t: int, h: int, st: _Static):
-  """Per-token and per-chunk decay/segment inputs of the kernels.
+  """Per-token and per-chunk decay/segment inputs of the kernels (scalar decays).
 
   g: float32 ``[B, T, H]`` per-token log-decays or None. Returns ``(vecs [n_vec, B, H, T_p]
   float32 or None, doc int32 [B, T_p] or None, chunk_decay float32 [B, H, N] or None)``:
@@ -596,14 +656,8 @@ def _prepare(g, segment_ids, bsz: int, t: int, h: int, st: _Static):
   tp = nc * CHUNK
   if not st.has_scale:
     return None, None, None
-  doc = _pad(ref_lib.doc_ids(segment_ids, bsz, t), 1, tp)
-  if tp > t:
-    doc = doc.at[:, t:].set(doc[:, t - 1:t])        # padding continues the last document
-  dc = doc.reshape(bsz, nc, CHUNK)
-  prev = jnp.concatenate([jnp.zeros((bsz, 1), jnp.int32), dc[:, :-1, -1]], axis=1)
-  m = (dc == prev[..., None]).astype(jnp.float32)[:, None]     # sees the carried state
-  l = (dc == dc[..., -1:]).astype(jnp.float32)[:, None]        # reaches the chunk's end state
-  keep = (prev == dc[..., -1]).astype(jnp.float32)[:, None]    # carried state survives
+  doc, m, l, keep = _doc_masks(segment_ids, bsz, t, nc)
+  m, l, keep = m[:, None], l[:, None], keep[:, None]
   if g is None:
     bc = jnp.zeros((bsz, 1, nc, CHUNK), jnp.float32)
   else:
@@ -617,16 +671,53 @@ def _prepare(g, segment_ids, bsz: int, t: int, h: int, st: _Static):
   return vecs, (doc if st.has_seg else None), jnp.broadcast_to(a, (bsz, h, nc))
 
 
+def _gla_scales(g, segment_ids, bsz: int, t: int, nc: int):
+  """GLA's per-token per-channel factors (float32, exponents <= 0).
+
+  g: float32 ``[B, T, H, d_k]``. Returns ``(rq, rk [B, T_p, H, d_k], a [B, H, N, d_k])``:
+  ``rq = e^{b}·m``, ``rk = e^{b_C - b}·l``, ``a = e^{b_C}·keep`` with b the in-chunk cumulative
+  log gates, so that ``q_in = q ⊙ rq`` and ``k_out = k ⊙ rk`` enter the state recurrence.
+  """
+  _, m, l, keep = _doc_masks(segment_ids, bsz, t, nc)
+  tp = nc * CHUNK
+  h, dk = g.shape[2:]
+  bc = jnp.cumsum(_pad(g, 1, tp).reshape(bsz, nc, CHUNK, h, dk), axis=2)
+  rq = jnp.exp(bc) * m[..., None, None]
+  rk = jnp.exp(bc[:, :, -1:] - bc) * l[..., None, None]
+  a = jnp.exp(bc[:, :, -1]) * keep[..., None, None]                     # [B, N, H, d_k]
+  return (rq.reshape(bsz, tp, h, dk), rk.reshape(bsz, tp, h, dk),
+          jnp.transpose(a, (0, 2, 1, 3)))
+
+
+def _gla_intra(q, k, v, g, segment_ids, sub: int):
+  """GLA's intra-chunk term ``Σ_{j <= i, same chunk and document} (Σ_d q_id k_jd e^{G_id -
+  G_jd}) v_j`` in XLA (``reference.py``'s sub-chunk form, every exponent <= 0), float32
+  ``[B, T, H, d_v]``; differentiable in q, k, v and g (plain autodiff)."""
+  bsz, t = q.shape[:2]
+  nc = -(-t // CHUNK)
+  tp = nc * CHUNK
+  doc = _doc_masks(segment_ids, bsz, t, nc)[0].reshape(bsz, nc, CHUNK)
+  qc, kc, vc, gc = (ref_lib._to_chunks(_pad(x.astype(jnp.float32), 1, tp), CHUNK)
+                    for x in (q, k, v, g))                              # [B, H, N, C, ·]
+  scores = ref_lib._gla_intra_chunk(qc, kc, jnp.cumsum(gc, axis=-2), sub)
+  causal = jnp.tril(jnp.ones((CHUNK, CHUNK), bool))
+  allowed = (causal & (doc[..., :, None] == doc[..., None, :]))[:, None]
+  y = jnp.einsum("bhncs,bhnse->bhnce", jnp.where(allowed, scores, 0.0), vc)
+  return ref_lib._from_chunks(y)[:, :t]
+
+
 def linear_attention_gpu(q, k, v, *, log_decay=None, segment_ids=None, initial_state=None,
                          block_sizes: BlockSizes | None = None, interpret=None):
   """Chunked causal linear attention with the Mosaic GPU kernels (semantics: ``reference.py``).
 
   Args:
     q, k: ``[batch, T, heads, d_k]`` features; v: ``[batch, T, heads, d_v]`` (bf16 or f16).
-    log_decay: None ("none"), ``[heads]`` or ``[batch, T, heads]`` ("retnet"); entries <= 0.
+    log_decay: None ("none"), ``[heads]`` or ``[batch, T, heads]`` ("retnet"),
+      ``[batch, T, heads, d_k]`` ("gla"); entries <= 0.
     segment_ids: int ``[batch, T]`` or None (the state resets where the id changes).
     initial_state: ``[batch, heads, d_k, d_v]`` or None (zeros).
-    block_sizes: chunk_size must be 64 (default ``BlockSizes()``).
+    block_sizes: chunk_size must be 64 (default ``BlockSizes()``); sub_chunk: GLA's
+      intra-chunk sub-chunks (XLA part).
     interpret: None on a GPU; ``plgpu.InterpretGPUParams(...)`` to run on CPU.
 
   Returns:
@@ -634,30 +725,45 @@ def linear_attention_gpu(q, k, v, *, log_decay=None, segment_ids=None, initial_s
     differentiable in q, k, v, log_decay and initial_state. Raises ValueError where
     ``supported`` gives a reason.
   """
-  ref_lib.check_inputs(q, k, v, log_decay, segment_ids, initial_state)
+  kind = ref_lib.check_inputs(q, k, v, log_decay, segment_ids, initial_state)
   reason = supported(q, k, v, log_decay, block_sizes)
   if reason is not None:
     raise ValueError(f"Mosaic GPU linear attention does not support {reason}")
+  bs = block_sizes or BlockSizes()
   bsz, t, h, dk = q.shape
   dv = v.shape[-1]
   nc = -(-t // CHUNK)
   tp = nc * CHUNK
   dkp, dvp = _pad64(dk), _pad64(dv)
   g = ref_lib.per_token_log_decay(log_decay, bsz, t)
-  st = _Static(has_b=g is not None, has_scale=g is not None or segment_ids is not None,
-               has_seg=segment_ids is not None, has_s0=initial_state is not None,
-               num_chunks=nc, interpreting=bool(interpret) or jax.default_backend() != "gpu")
+  gla = kind == "gla"
+  scalar = g is not None and not gla
+  st = _Static(has_b=scalar, has_scale=not gla and (scalar or segment_ids is not None),
+               gla=gla, has_seg=segment_ids is not None and not gla,
+               has_s0=initial_state is not None, num_chunks=nc,
+               interpreting=bool(interpret) or jax.default_backend() != "gpu")
 
   def pad_in(x, d):
     return _pad(_pad(x, 1, tp), 3, d)
 
+  def inputs(q, k, g):
+    """(q, k as the kernel reads them, vecs, doc, chunk decay, (rq, rk) of GLA or None)."""
+    g32 = None if g is None else g.astype(jnp.float32)
+    if not gla:
+      vecs, doc, a = _prepare(g32, segment_ids, bsz, t, h, st)
+      return pad_in(q, dkp), pad_in(k, dkp), vecs, doc, a, None
+    rq, rk, a = _gla_scales(g32, segment_ids, bsz, t, nc)
+    q_in = pad_in((_pad(q, 1, tp) * rq).astype(q.dtype), dkp)
+    k_out = pad_in((_pad(k, 1, tp) * rk).astype(k.dtype), dkp)
+    a = _pad(a, 3, dkp).reshape(bsz, h, nc, dkp // TILE, TILE)
+    return q_in, k_out, None, None, a, (rq, rk)
+
   def fwd(q, k, v, g, s0, save_states):
-    vecs, doc, a = _prepare(None if g is None else g.astype(jnp.float32), segment_ids, bsz, t,
-                            h, st)
+    qk_in = inputs(q, k, g)
     s0p = None if s0 is None else _pad(_pad(s0.astype(jnp.float32), 2, dkp), 3, dvp)
-    y, sf, states = _fwd_call(pad_in(q, dkp), pad_in(k, dkp), pad_in(v, dvp), vecs, doc, a,
-                              s0p, st, save_states, interpret)
-    return y[:, :t, :, :dv], sf[:, :, :dk, :dv], (vecs, doc, a, states, sf)
+    y, sf, states = _fwd_call(qk_in[0], qk_in[1], pad_in(v, dvp), *qk_in[2:5], s0p, st,
+                              save_states, interpret)
+    return y[:, :t, :, :dv], sf[:, :, :dk, :dv], (qk_in, states, sf)
 
   @jax.custom_vjp
   def core(q, k, v, g, s0):
@@ -669,21 +775,28 @@ def linear_attention_gpu(q, k, v, *, log_decay=None, segment_ids=None, initial_s
     return (y, sf), (q, k, v, g, s0, res)
 
   def core_bwd(res, cts):
-    q, k, v, g, s0, (vecs, doc, a, states, sf) = res
+    q, k, v, g, s0, ((q_k, k_k, vecs, doc, a, scales), states, sf) = res
     dy, dsf = cts
     dq, dk_, dv_, ds0 = _bwd_call(
-        pad_in(q, dkp), pad_in(k, dkp), pad_in(v, dvp), pad_in(dy.astype(v.dtype), dvp), vecs,
-        doc, a, states, _pad(_pad(dsf.astype(jnp.float32), 2, dkp), 3, dvp), st, interpret)
+        q_k, k_k, pad_in(v, dvp), pad_in(dy.astype(v.dtype), dvp), vecs, doc, a, states,
+        _pad(_pad(dsf.astype(jnp.float32), 2, dkp), 3, dvp), st, interpret)
     dq, dk_ = dq[:, :t, :, :dk], dk_[:, :t, :, :dk]
+    if scales is not None:                 # GLA: through q_in = q ⊙ rq, k_out = k ⊙ rk
+      dq, dk_ = dq * scales[0][:, :t], dk_ * scales[1][:, :t]
     dg = None
     if g is not None:
-      dgc = (jnp.sum(q.astype(jnp.float32) * dq, -1)
-             - jnp.sum(k.astype(jnp.float32) * dk_, -1))                   # dL/dG [B, T, H]
-      final = jnp.sum(sf[:, :, :dk, :dv] * dsf.astype(jnp.float32), axis=(-2, -1))
+      # dL/dG per channel (summed over channels for scalar decays), then reverse cumsum
+      dgc = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk_        # [B, T, H, d_k]
+      final = jnp.sum(sf[:, :, :dk, :dv] * dsf.astype(jnp.float32), axis=-1)   # [B, H, d_k]
+      if not gla:
+        dgc, final = jnp.sum(dgc, -1), jnp.sum(final, -1)
       dgc = dgc.at[:, -1].add(final)
       dg = jnp.flip(jnp.cumsum(jnp.flip(dgc, 1), axis=1), 1).astype(g.dtype)
     return (dq.astype(q.dtype), dk_.astype(k.dtype), dv_[:, :t, :, :dv].astype(v.dtype), dg,
             None if s0 is None else ds0[:, :, :dk, :dv].astype(s0.dtype))
 
   core.defvjp(core_fwd, core_bwd)
-  return core(q, k, v, g, initial_state)
+  y, sf = core(q, k, v, g, initial_state)
+  if gla:
+    y = y + _gla_intra(q, k, v, g, segment_ids, bs.sub_for(CHUNK))
+  return y.astype(v.dtype), sf
