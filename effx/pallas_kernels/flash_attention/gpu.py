@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -39,14 +38,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from effx.pallas_kernels import _gpu_common as gc
+from effx.pallas_kernels._gpu_common import LOG2E, WG_ROWS
 from effx.pallas_kernels.flash_attention import gpu_backward as bwd_lib
 from effx.pallas_kernels.flash_attention import layout as layout_lib
 from effx.pallas_kernels.flash_attention import reference as ref_lib
 from effx.pallas_kernels.flash_attention.config import BlockSizes
-
-WG_ROWS = 64
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +70,9 @@ class _Static:
 def supported(q, k, *, block_sizes: BlockSizes, layout: layout_lib.KernelLayout | None = None
               ) -> str | None:
   """None if the Mosaic GPU kernel handles this call, else the reason it does not."""
-  d = q.shape[-1]
-  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f"dtype {q.dtype} (the Mosaic GPU kernel takes bf16/f16)"
-  if q.dtype != k.dtype:
-    return f"q dtype {q.dtype} != k dtype {k.dtype}"
-  if d % 64 or d > 256:
-    return f"head_dim {d} (must be a multiple of 64, <= 256)"
+  reason = gc.unsupported_inputs(q, k)
+  if reason is not None:
+    return reason
   if block_sizes.block_q not in (64, 128):
     return f"block_q {block_sizes.block_q} (GPU kernel: 64 or 128)"
   if block_sizes.block_k % 64:
@@ -102,8 +95,7 @@ def _fwd_call(q, k, v, qseg, kvseg, lists: layout_lib.BlockLists, st: _Static, i
   ``p_via_smem`` (default: only in interpret mode, whose WGMMA takes shared-memory operands
   only) routes P through shared memory instead of keeping it in registers.
   """
-  # Off a GPU the kernel can only run interpreted (explicitly or under force_gpu_interpret_mode).
-  interpreting = bool(interpret) or jax.default_backend() != "gpu"
+  interpreting = gc.interpreting(interpret)
   if p_via_smem is None:
     p_via_smem = interpreting
   b, lq, h, d = q.shape
@@ -111,10 +103,6 @@ def _fwd_call(q, k, v, qseg, kvseg, lists: layout_lib.BlockLists, st: _Static, i
   w, bk, ns = st.compute_wgs, st.block_k, st.num_stages
   n_qt = lq // st.block_q
   has_seg = st.has_seg
-  tiling = plgpu.TilingTransform((8, 64))
-  swizzle = plgpu.SwizzleTransform(128)
-  reduce_rows = plgpu.Layout.WGMMA.reduce(1)   # one value per score row
-  reduce_cols = plgpu.Layout.WGMMA.reduce(0)   # one value per score column
 
   def kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, cls_ref, qseg_ref, kvseg_ref, o_ref,
              lse_ref, smem, bars):
@@ -127,12 +115,9 @@ def _fwd_call(q, k, v, qseg, kvseg, lists: layout_lib.BlockLists, st: _Static, i
     hm = hi if st.per_head else 0
     count = cnt_ref[hm, qt]
 
-    def slot_of(t):
-      return lax.rem(t, jnp.int32(ns))
-
     @pl.when(wg < w)
     def _compute():
-      plgpu.set_max_registers(232 if w == 2 else 240, action="increase")
+      plgpu.set_max_registers(gc.compute_registers(w), action="increase")
       row0 = qt * st.block_q + wg * WG_ROWS
       q_smem = qo_smem.at[wg]
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, WG_ROWS), hi], q_smem, q_bar.at[wg])
@@ -141,29 +126,20 @@ def _fwd_call(q, k, v, qseg, kvseg, lists: layout_lib.BlockLists, st: _Static, i
         plgpu.copy_gmem_to_smem(qseg_ref.at[bi, pl.ds(row0, WG_ROWS)], qseg_smem.at[wg],
                                 q_bar.at[w + wg])
         plgpu.barrier_wait(q_bar.at[w + wg])
-        q_ids = plgpu.load(qseg_smem.at[wg], layout=reduce_rows)
+        q_ids = plgpu.load(qseg_smem.at[wg], layout=gc.rows_layout())
       plgpu.barrier_wait(q_bar.at[wg])
-
-      m0 = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), reduce_rows)
-      l0 = plgpu.layout_cast(jnp.full((WG_ROWS,), 0.0, jnp.float32), reduce_rows)
-      acc0 = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
       def step(t, carry):
         acc, m_i, l_i = carry
-        slot = slot_of(t)
+        slot = gc.ring_slot(t, ns)
         j = idx_ref[hm, qt, t]
         cls = cls_ref[hm, qt, t]
         plgpu.barrier_wait(k_bar.at[slot])
         kv_ids = None
         if has_seg:
           plgpu.barrier_wait(seg_bar.at[slot])
-          kv_ids = plgpu.load(kvseg_smem.at[slot], layout=reduce_cols)
-
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-          return acc_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
+          kv_ids = plgpu.load(kvseg_smem.at[slot], layout=gc.cols_layout())
+        s = gc.matmul(q_smem, k_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk))
         plgpu.barrier_arrive(k_used.at[slot])
         if st.cap is not None:
           s = (st.cap * LOG2E) * jnp.tanh(s * (st.scale / st.cap))
@@ -171,71 +147,24 @@ def _fwd_call(q, k, v, qseg, kvseg, lists: layout_lib.BlockLists, st: _Static, i
           s = s * (st.scale * LOG2E)
 
         def element_mask(s):
-          rows = row0 + plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bk), 0,
-                                               layout=plgpu.Layout.WGMMA)
-          cols = j * bk + plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bk), 1,
-                                                 layout=plgpu.Layout.WGMMA)
-          mask = None
-          if st.kv_len % bk:
-            mask = cols < st.kv_len
-          if st.causal:
-            c = cols <= rows
-            mask = c if mask is None else jnp.logical_and(mask, c)
-          if st.window is not None:
-            c = (rows - cols) < st.window
-            mask = c if mask is None else jnp.logical_and(mask, c)
-          return s if mask is None else jnp.where(mask, s, -jnp.inf)
+          rows = row0 + gc.iota((WG_ROWS, bk), 0)
+          cols = j * bk + gc.iota((WG_ROWS, bk), 1)
+          return gc.element_mask(s, rows, cols, causal=st.causal, window=st.window,
+                                 kv_len=st.kv_len if st.kv_len % bk else None)
 
-        if st.any_partial and st.any_full:
-          s = lax.cond(cls == layout_lib.FULL, lambda x: x, element_mask, s)
-        elif st.any_partial:
-          s = element_mask(s)
+        s = gc.on_partial_tiles(s, cls, layout_lib.FULL, element_mask, any_full=st.any_full,
+                                any_partial=st.any_partial)
         if has_seg:
-          same = (lax.broadcast_in_dim(q_ids, (WG_ROWS, bk), [0])
-                  == lax.broadcast_in_dim(kv_ids, (WG_ROWS, bk), [1]))
-          s = jnp.where(same, s, -jnp.inf)
+          s = gc.segment_mask(s, q_ids, kv_ids)
+        return gc.softmax_pv_step(
+            s, acc, m_i, l_i, dtype=dtype, v_tile=v_smem.at[slot], v_loaded=v_bar.at[slot],
+            v_free=v_used.at[slot], p_buf=None if p_smem is None else p_smem.at[wg],
+            interpreting=interpreting)
 
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
-        p16 = p.astype(dtype)
-        if p_smem is not None:   # P through shared memory (GPU interpret mode needs it)
-          p_smem.at[wg][...] = p16
-          plgpu.commit_smem()
-          p_operand = p_smem.at[wg]
-        else:                    # P stays in registers (WGMMA A operand from registers)
-          p_operand = p16
-        plgpu.barrier_wait(v_bar.at[slot])
-
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        if interpreting:
-          # GPU interpret mode cannot run pl.run_state: a fresh accumulator plus an add.
-          def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
-            return acc_ref[...]
-
-          acc = acc + pl.run_scoped(pv, plgpu.ACC((WG_ROWS, d), jnp.float32))
-        else:
-          # On hardware WGMMA accumulates in place (no second accumulator in registers).
-          def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
-
-          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_used.at[slot])
-        return acc, m_new, l_i
-
-      acc, m_i, l_i = lax.fori_loop(0, count, step, (acc0, m0, l0))
-      empty = l_i == 0.0
-      l_safe = jnp.where(empty, 1.0, l_i)
-      inv = jnp.where(empty, 0.0, 1.0 / l_safe)
-      q_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-      lse_smem.at[wg][...] = jnp.where(empty, jnp.inf, m_i * LN2 + jnp.log(l_safe))
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, pl.ds(row0, WG_ROWS), hi])
-      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(row0, WG_ROWS)])
-      plgpu.wait_smem_to_gmem(0)
+      acc, m_i, l_i = lax.fori_loop(0, count, step, gc.softmax_init(d))
+      gc.softmax_finish(acc, m_i, l_i, dtype=dtype, o_smem=q_smem, lse_smem=lse_smem.at[wg],
+                        o_dst=o_ref.at[bi, pl.ds(row0, WG_ROWS), hi],
+                        lse_dst=lse_ref.at[bi, hi, pl.ds(row0, WG_ROWS)], empty_lse=jnp.inf)
 
     @pl.when(wg == w)
     def _memory():
@@ -244,34 +173,23 @@ def _fwd_call(q, k, v, qseg, kvseg, lists: layout_lib.BlockLists, st: _Static, i
 
       @pl.loop(0, count)
       def _fetch(t):
-        slot = slot_of(t)
+        slot = gc.ring_slot(t, ns)
         j = idx_ref[hm, qt, t]
         rows = pl.ds(j * bk, bk)
-
-        @pl.when(t >= ns)
-        def _():
-          plgpu.barrier_wait(k_used.at[slot])
-          if has_seg:
-            # The slot's segment ids were read through the generic proxy; order those reads
-            # before the TMA (async proxy) overwrite.
-            plgpu.commit_smem()
-
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, kvh], k_smem.at[slot], k_bar.at[slot])
-        if has_seg:
-          plgpu.copy_gmem_to_smem(kvseg_ref.at[bi, rows], kvseg_smem.at[slot], seg_bar.at[slot])
-
-        @pl.when(t >= ns)
-        def _():
-          plgpu.barrier_wait(v_used.at[slot])
-
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, kvh], v_smem.at[slot], v_bar.at[slot])
+        gc.fetch_kv(t, ns, k_src=k_ref.at[bi, rows, kvh], k_dst=k_smem.at[slot],
+                    k_loaded=k_bar.at[slot], k_free=k_used.at[slot],
+                    v_src=v_ref.at[bi, rows, kvh], v_dst=v_smem.at[slot],
+                    v_loaded=v_bar.at[slot], v_free=v_used.at[slot],
+                    seg_src=kvseg_ref.at[bi, rows] if has_seg else None,
+                    seg_dst=kvseg_smem.at[slot] if has_seg else None,
+                    seg_loaded=seg_bar.at[slot] if has_seg else None)
 
   def entry(q_ref, k_ref, v_ref, idx_ref, cnt_ref, cls_ref, *rest):
     if has_seg:
       qseg_ref, kvseg_ref, o_ref, lse_ref = rest
     else:
       (o_ref, lse_ref), qseg_ref, kvseg_ref = rest, None, None
-    tile = lambda *shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))
+    tile = functools.partial(gc.tile_smem, dtype)
     smem = (tile(w, WG_ROWS, d), tile(ns, bk, d), tile(ns, bk, d),
             plgpu.SMEM((w, WG_ROWS), jnp.float32),
             plgpu.SMEM((w, WG_ROWS), jnp.int32) if has_seg else None,
@@ -290,27 +208,14 @@ def _fwd_call(q, k, v, qseg, kvseg, lists: layout_lib.BlockLists, st: _Static, i
   args = [q, k, v, jnp.asarray(lists.idx), jnp.asarray(lists.cnt), jnp.asarray(lists.cls)]
   if has_seg:
     args += [qseg, kvseg]
-  o, lse = plgpu.kernel(
+  o, lse = gc.launch(
       entry,
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((b, h, lq), jnp.float32)),
-      grid=(h, n_qt, b),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=w + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      grid=(h, n_qt, b), grid_names=("heads", "q_seq", "batch"), compute_wgs=w,
       interpret=interpret,
   )(*args)
   return o, lse
-
-
-def _pad_to(x, axis: int, multiple: int):
-  extra = -x.shape[axis] % multiple
-  if not extra:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, extra)
-  return jnp.pad(x, pads)
 
 
 def gpu_layout(q_len: int, kv_len: int, block_sizes: BlockSizes, *, causal, window, dense_mask,
@@ -368,11 +273,11 @@ def flash_attention_gpu(q, k, v, *, segment_ids=None, causal: bool = True,
   seg = ref_lib.as_segment_ids(segment_ids, q_len, kv_len)
 
   def fwd(q, k, v, seg):
-    qp = _pad_to(q, 1, bs.block_q)
-    kp, vp = _pad_to(k, 1, bs.block_k), _pad_to(v, 1, bs.block_k)
+    qp = gc.pad_to(q, 1, bs.block_q)
+    kp, vp = gc.pad_to(k, 1, bs.block_k), gc.pad_to(v, 1, bs.block_k)
     qs = kvs = None
     if seg is not None:
-      qs, kvs = _pad_to(seg.q, 1, bs.block_q), _pad_to(seg.kv, 1, bs.block_k)
+      qs, kvs = gc.pad_to(seg.q, 1, bs.block_q), gc.pad_to(seg.kv, 1, bs.block_k)
     o, lse = _fwd_call(qp, kp, vp, qs, kvs, lay.rows, st, interpret, p_via_smem)
     return o[:, :q_len], lse[:, :, :q_len]
 

@@ -31,7 +31,6 @@ reference gradient for exactly that call.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +39,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from effx.pallas_kernels import _gpu_common as gc
+from effx.pallas_kernels._gpu_common import LOG2E, WG_ROWS
 from effx.pallas_kernels.flash_attention import layout as layout_lib
 from effx.pallas_kernels.flash_attention.config import BlockSizes
 
-WG_ROWS = 64     # rows of one compute warpgroup (the WGMMA M dimension)
 STEP = 64        # inner tile: keys per dQ step, queries per dK/dV step
-LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,37 +145,14 @@ def _static(st_kw: dict, lay: layout_lib.KernelLayout, block: int, key_tile: int
                  any_partial=bool((visited == layout_lib.PARTIAL).any()), **st_kw)
 
 
-def _scores(s, st: _Static):
-  """Raw ``q . k`` -> (base-2 logits, tanh of the soft-cap or None)."""
-  if st.cap is None:
-    return s * (st.scale * LOG2E), None
-  th = jnp.tanh(s * (st.scale / st.cap))
-  return th * (st.cap * LOG2E), th
-
-
-def _element_mask(s, st: _Static, q_pos, k_pos):
-  """Applies causal / window / key-padding masks (positions are WGMMA-layout int32 arrays)."""
-  mask = None
-  if st.kv_len % st.key_tile:
-    mask = k_pos < st.kv_len
-  if st.causal:
-    c = k_pos <= q_pos
-    mask = c if mask is None else jnp.logical_and(mask, c)
-  if st.window is not None:
-    c = (q_pos - k_pos) < st.window
-    mask = c if mask is None else jnp.logical_and(mask, c)
-  return s if mask is None else jnp.where(mask, s, -jnp.inf)
-
-
 def _masked(s, cls, st: _Static, positions):
-  """Element mask on partial tiles only (``lax.cond`` on the class when both kinds occur)."""
+  """Element mask (causal / window / key padding) on partial tiles only; ``positions()`` gives
+  the tile's (query, key) positions."""
   def apply(x):
-    return _element_mask(x, st, *positions())
-  if st.any_partial and st.any_full:
-    return lax.cond(cls == layout_lib.FULL, lambda x: x, apply, s)
-  if st.any_partial:
-    return apply(s)
-  return s
+    return gc.element_mask(x, *positions(), causal=st.causal, window=st.window,
+                           kv_len=st.kv_len if st.kv_len % st.key_tile else None)
+  return gc.on_partial_tiles(s, cls, layout_lib.FULL, apply, any_full=st.any_full,
+                             any_partial=st.any_partial)
 
 
 class _Mma:
@@ -189,24 +165,12 @@ class _Mma:
   @staticmethod
   def fresh(shape, a, b):
     """``a @ b`` into a new float32 accumulator (a, b: shared-memory refs)."""
-    def body(acc_ref):
-      plgpu.wgmma(acc_ref, a, b)
-      return acc_ref[...]
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+    return gc.matmul(a, b, shape)
 
   def accumulate(self, acc, a, b, stage):
     """``acc + a @ b``; ``a`` a float16/bfloat16 WGMMA-layout array, ``stage`` its shared-memory
     staging buffer in interpret mode (None on hardware)."""
-    if stage is not None:
-      stage[...] = a
-      plgpu.commit_smem()
-      a = stage
-    if self.interpreting:
-      return acc + self.fresh(acc.shape, a, b)
-
-    def body(acc_ref):
-      plgpu.wgmma(acc_ref, a, b)
-    return pl.run_state(body)(plgpu.ACC.init(acc))
+    return gc.accumulate(acc, gc.lhs(a, stage), b, self.interpreting)
 
   def accumulate_and_product(self, acc, a, b, stage, shape, a2, b2):
     """``(acc + a @ b, a2 @ b2)`` (a2, b2 shared-memory refs); on hardware both WGMMAs are in
@@ -218,20 +182,7 @@ class _Mma:
       acc_ref, out_ref = refs
       plgpu.wgmma(acc_ref, a, b)
       plgpu.wgmma(out_ref, a2, b2)
-    return pl.run_state(body)((plgpu.ACC.init(acc), plgpu.ACC.init(_zeros(shape))))
-
-
-def _zeros(shape):
-  return plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), plgpu.Layout.WGMMA)
-
-
-def _iota(shape, dim):
-  return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-
-
-def _tile_smem(dtype, *shape):
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
-                                              plgpu.SwizzleTransform(128)))
+    return pl.run_state(body)((plgpu.ACC.init(acc), plgpu.ACC.init(gc.zeros(shape))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,15 +194,15 @@ def _dq_call(q, k, v, do, lse2, delta, qseg, kvseg, lists: layout_lib.BlockLists
              interpret):
   """Padded q/do ``[B, Lq_p, H, D]``, k/v ``[B, Lk_p, Hkv, D]``, lse2 (base 2) and delta
   ``[B, H, Lq_p]`` float32 -> dq ``[B, Lq_p, H, D]`` in q's dtype."""
-  interpreting = bool(interpret) or jax.default_backend() != "gpu"
+  interpreting = gc.interpreting(interpret)
   mma = _Mma(interpreting)
   b, lq, h, d = q.shape
   dtype = q.dtype
   w, ns, bk = st.compute_wgs, st.num_stages, STEP
   n_qt = lq // st.block
   has_seg = st.has_seg
-  rows_l = plgpu.Layout.WGMMA.reduce(1)
-  cols_l = plgpu.Layout.WGMMA.reduce(0)
+  rows_l = gc.rows_layout()
+  cols_l = gc.cols_layout()
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, cls_ref,
              qseg_ref, kvseg_ref, dq_ref, smem, bars):
@@ -266,12 +217,9 @@ def _dq_call(q, k, v, do, lse2, delta, qseg, kvseg, lists: layout_lib.BlockLists
     hm = hi if st.per_head else 0
     count = cnt_ref[hm, qt]
 
-    def slot_of(t):
-      return lax.rem(t, jnp.int32(ns))
-
     @pl.when(wg < w)
     def _compute():
-      plgpu.set_max_registers(232 if w == 2 else 240, action="increase")
+      plgpu.set_max_registers(gc.compute_registers(w), action="increase")
       row0 = qt * st.block + wg * WG_ROWS
       rows = pl.ds(row0, WG_ROWS)
       qs, dos = q_smem.at[wg], do_smem.at[wg]
@@ -292,18 +240,17 @@ def _dq_call(q, k, v, do, lse2, delta, qseg, kvseg, lists: layout_lib.BlockLists
       shape = (WG_ROWS, bk)
 
       def step(t, dq):
-        slot = slot_of(t)
+        slot = gc.ring_slot(t, ns)
         j = idx_ref[hm, qt, t]
         cls = cls_ref[hm, qt, t]
         plgpu.barrier_wait(k_bar.at[slot])
-        s, th = _scores(mma.fresh(shape, qs, k_smem.at[slot].transpose((1, 0))), st)
-        s = _masked(s, cls, st, lambda: (row0 + _iota(shape, 0), j * bk + _iota(shape, 1)))
+        s, th = gc.scores(mma.fresh(shape, qs, k_smem.at[slot].transpose((1, 0))),
+                          scale=st.scale, cap=st.cap)
+        s = _masked(s, cls, st, lambda: (row0 + gc.iota(shape, 0), j * bk + gc.iota(shape, 1)))
         if has_seg:
           plgpu.barrier_wait(seg_bar.at[slot])
           kv_ids = plgpu.load(kvseg_smem.at[slot], layout=cols_l)
-          same = (lax.broadcast_in_dim(q_ids, shape, [0])
-                  == lax.broadcast_in_dim(kv_ids, shape, [1]))
-          s = jnp.where(same, s, -jnp.inf)
+          s = gc.segment_mask(s, q_ids, kv_ids)
         p = jnp.exp2(s - lax.broadcast_in_dim(lse, shape, [0]))
         plgpu.barrier_wait(v_bar.at[slot])
         dp = mma.fresh(shape, dos, v_smem.at[slot].transpose((1, 0)))
@@ -314,7 +261,7 @@ def _dq_call(q, k, v, do, lse2, delta, qseg, kvseg, lists: layout_lib.BlockLists
         plgpu.barrier_arrive(used.at[slot])
         return dq
 
-      dq = lax.fori_loop(0, count, step, _zeros((WG_ROWS, d)))
+      dq = lax.fori_loop(0, count, step, gc.zeros((WG_ROWS, d)))
       qs[...] = (dq * st.scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qs, dq_ref.at[bi, rows, hi])
@@ -327,7 +274,7 @@ def _dq_call(q, k, v, do, lse2, delta, qseg, kvseg, lists: layout_lib.BlockLists
 
       @pl.loop(0, count)
       def _fetch(t):
-        slot = slot_of(t)
+        slot = gc.ring_slot(t, ns)
         keys = pl.ds(idx_ref[hm, qt, t] * bk, bk)
 
         @pl.when(t >= ns)
@@ -347,12 +294,12 @@ def _dq_call(q, k, v, do, lse2, delta, qseg, kvseg, lists: layout_lib.BlockLists
       qseg_ref, kvseg_ref, dq_ref = rest
     else:
       (dq_ref,), qseg_ref, kvseg_ref = rest, None, None
-    smem = (_tile_smem(dtype, w, WG_ROWS, d), _tile_smem(dtype, w, WG_ROWS, d),
+    smem = (gc.tile_smem(dtype, w, WG_ROWS, d), gc.tile_smem(dtype, w, WG_ROWS, d),
             plgpu.SMEM((w, WG_ROWS), jnp.float32), plgpu.SMEM((w, WG_ROWS), jnp.float32),
             plgpu.SMEM((w, WG_ROWS), jnp.int32) if has_seg else None,
-            _tile_smem(dtype, ns, bk, d), _tile_smem(dtype, ns, bk, d),
+            gc.tile_smem(dtype, ns, bk, d), gc.tile_smem(dtype, ns, bk, d),
             plgpu.SMEM((ns, bk), jnp.int32) if has_seg else None,
-            _tile_smem(dtype, w, WG_ROWS, bk) if interpreting else None)
+            gc.tile_smem(dtype, w, WG_ROWS, bk) if interpreting else None)
     bars = (plgpu.Barrier(num_barriers=(5 if has_seg else 4) * w),
             plgpu.Barrier(num_barriers=ns), plgpu.Barrier(num_barriers=ns),
             plgpu.Barrier(num_barriers=ns) if has_seg else None,
@@ -367,15 +314,9 @@ def _dq_call(q, k, v, do, lse2, delta, qseg, kvseg, lists: layout_lib.BlockLists
           jnp.asarray(lists.cls)]
   if has_seg:
     args += [qseg, kvseg]
-  return plgpu.kernel(
-      entry,
-      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-      grid=(h, n_qt, b),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=w + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
+  return gc.launch(
+      entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype), grid=(h, n_qt, b),
+      grid_names=("heads", "q_seq", "batch"), compute_wgs=w, interpret=interpret,
   )(*args)
 
 
@@ -386,15 +327,15 @@ def _dq_call(q, k, v, do, lse2, delta, qseg, kvseg, lists: layout_lib.BlockLists
 
 def _dkv_call(q, k, v, do, lse2, delta, qseg, kvseg, glists, st: _Static, interpret):
   """Padded inputs as ``_dq_call``; ``glists`` from ``group_lists`` -> (dk, dv) like k."""
-  interpreting = bool(interpret) or jax.default_backend() != "gpu"
+  interpreting = gc.interpreting(interpret)
   mma = _Mma(interpreting)
   b, lq, h, d = q.shape
   _, lk, hkv, _ = k.shape
   dtype = q.dtype
   w, ns, bq = st.compute_wgs, st.num_stages, STEP
   has_seg = st.has_seg
-  rows_l = plgpu.Layout.WGMMA.reduce(1)
-  cols_l = plgpu.Layout.WGMMA.reduce(0)
+  rows_l = gc.rows_layout()
+  cols_l = gc.cols_layout()
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, head_ref, blk_ref, cls_ref,
              cnt_ref, qseg_ref, kvseg_ref, dk_ref, dv_ref, smem, bars):
@@ -407,12 +348,9 @@ def _dkv_call(q, k, v, do, lse2, delta, qseg, kvseg, glists, st: _Static, interp
     wg = lax.axis_index("wg")
     count = cnt_ref[kvh, kt]
 
-    def slot_of(t):
-      return lax.rem(t, jnp.int32(ns))
-
     @pl.when(wg < w)
     def _compute():
-      plgpu.set_max_registers(232 if w == 2 else 240, action="increase")
+      plgpu.set_max_registers(gc.compute_registers(w), action="increase")
       key0 = kt * st.block + wg * WG_ROWS
       keys = pl.ds(key0, WG_ROWS)
       ks, vs = k_smem.at[wg], v_smem.at[wg]
@@ -429,18 +367,17 @@ def _dkv_call(q, k, v, do, lse2, delta, qseg, kvseg, glists, st: _Static, interp
 
       def step(t, carry):
         dk, dv = carry
-        slot = slot_of(t)
+        slot = gc.ring_slot(t, ns)
         i = blk_ref[kvh, kt, t]
         cls = cls_ref[kvh, kt, t]
         plgpu.barrier_wait(q_bar.at[slot])
-        s, th = _scores(mma.fresh(shape, ks, q_smem.at[slot].transpose((1, 0))), st)
-        s = _masked(s, cls, st, lambda: (i * bq + _iota(shape, 1), key0 + _iota(shape, 0)))
+        s, th = gc.scores(mma.fresh(shape, ks, q_smem.at[slot].transpose((1, 0))),
+                          scale=st.scale, cap=st.cap)
+        s = _masked(s, cls, st, lambda: (i * bq + gc.iota(shape, 1), key0 + gc.iota(shape, 0)))
         if has_seg:
           plgpu.barrier_wait(seg_bar.at[slot])
           q_ids = plgpu.load(qseg_smem.at[slot], layout=cols_l)
-          same = (lax.broadcast_in_dim(kv_ids, shape, [0])
-                  == lax.broadcast_in_dim(q_ids, shape, [1]))
-          s = jnp.where(same, s, -jnp.inf)
+          s = gc.segment_mask(s, kv_ids, q_ids)
         plgpu.barrier_wait(lse_bar.at[slot])
         lse = plgpu.load(lse_smem.at[slot], layout=cols_l)
         p = jnp.exp2(s - lax.broadcast_in_dim(lse, shape, [1]))         # P^T [keys, queries]
@@ -457,7 +394,7 @@ def _dkv_call(q, k, v, do, lse2, delta, qseg, kvseg, glists, st: _Static, interp
         plgpu.barrier_arrive(used.at[slot])
         return dk, dv
 
-      dk, dv = lax.fori_loop(0, count, step, (_zeros((WG_ROWS, d)), _zeros((WG_ROWS, d))))
+      dk, dv = lax.fori_loop(0, count, step, (gc.zeros((WG_ROWS, d)), gc.zeros((WG_ROWS, d))))
       ks[...] = (dk * st.scale).astype(dtype)
       vs[...] = dv.astype(dtype)
       plgpu.commit_smem()
@@ -471,7 +408,7 @@ def _dkv_call(q, k, v, do, lse2, delta, qseg, kvseg, glists, st: _Static, interp
 
       @pl.loop(0, count)
       def _fetch(t):
-        slot = slot_of(t)
+        slot = gc.ring_slot(t, ns)
         hq = kvh * st.groups + head_ref[kvh, kt, t]
         rows = pl.ds(blk_ref[kvh, kt, t] * bq, bq)
 
@@ -496,12 +433,12 @@ def _dkv_call(q, k, v, do, lse2, delta, qseg, kvseg, glists, st: _Static, interp
       qseg_ref, kvseg_ref, dk_ref, dv_ref = rest
     else:
       (dk_ref, dv_ref), qseg_ref, kvseg_ref = rest, None, None
-    smem = (_tile_smem(dtype, w, WG_ROWS, d), _tile_smem(dtype, w, WG_ROWS, d),
+    smem = (gc.tile_smem(dtype, w, WG_ROWS, d), gc.tile_smem(dtype, w, WG_ROWS, d),
             plgpu.SMEM((w, WG_ROWS), jnp.int32) if has_seg else None,
-            _tile_smem(dtype, ns, bq, d), _tile_smem(dtype, ns, bq, d),
+            gc.tile_smem(dtype, ns, bq, d), gc.tile_smem(dtype, ns, bq, d),
             plgpu.SMEM((ns, bq), jnp.float32), plgpu.SMEM((ns, bq), jnp.float32),
             plgpu.SMEM((ns, bq), jnp.int32) if has_seg else None,
-            _tile_smem(dtype, w, WG_ROWS, bq) if interpreting else None)
+            gc.tile_smem(dtype, w, WG_ROWS, bq) if interpreting else None)
     ring = lambda: plgpu.Barrier(num_barriers=ns)
     bars = (plgpu.Barrier(num_barriers=(3 if has_seg else 2) * w), ring(), ring(), ring(),
             ring(), ring() if has_seg else None, plgpu.Barrier(num_arrivals=w, num_barriers=ns))
@@ -514,14 +451,10 @@ def _dkv_call(q, k, v, do, lse2, delta, qseg, kvseg, glists, st: _Static, interp
   args = [q, k, v, do, lse2, delta, *(jnp.asarray(x) for x in glists)]
   if has_seg:
     args += [qseg, kvseg]
-  return plgpu.kernel(
+  return gc.launch(
       entry,
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(k.shape, dtype)),
-      grid=(hkv, lk // st.block, b),
-      grid_names=("heads", "kv_seq", "batch"),
-      num_threads=w + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      grid=(hkv, lk // st.block, b), grid_names=("heads", "kv_seq", "batch"), compute_wgs=w,
       interpret=interpret,
   )(*args)
 
@@ -529,15 +462,6 @@ def _dkv_call(q, k, v, do, lse2, delta, qseg, kvseg, glists, st: _Static, interp
 # ------------------------------------------------------------------------------------------------
 # Entry
 # ------------------------------------------------------------------------------------------------
-
-
-def _pad_to(x, axis: int, multiple: int, value=0):
-  extra = -x.shape[axis] % multiple
-  if not extra:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, extra)
-  return jnp.pad(x, pads, constant_values=value)
 
 
 def flash_attention_bwd_gpu(q, k, v, o, lse, do, *, segment_ids=None, causal: bool,
@@ -580,14 +504,14 @@ def flash_attention_bwd_gpu(q, k, v, o, lse, do, *, segment_ids=None, causal: bo
   st_q, st_kv = _static(st_kw, lay_q, bq, STEP), _static(st_kw, lay_kv, bk, bk)
 
   delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
-  qp, dop = _pad_to(q, 1, bq), _pad_to(do, 1, bq)
-  kp, vp = _pad_to(k, 1, bk), _pad_to(v, 1, bk)
-  lse2 = _pad_to(lse.astype(jnp.float32) * LOG2E, 2, bq, jnp.inf)   # padded rows: P = 0
-  delta = _pad_to(delta, 2, bq)
+  qp, dop = gc.pad_to(q, 1, bq), gc.pad_to(do, 1, bq)
+  kp, vp = gc.pad_to(k, 1, bk), gc.pad_to(v, 1, bk)
+  lse2 = gc.pad_to(lse.astype(jnp.float32) * LOG2E, 2, bq, jnp.inf)   # padded rows: P = 0
+  delta = gc.pad_to(delta, 2, bq)
   qs = kvs = None
   if segment_ids is not None:
-    qs = _pad_to(segment_ids.q.astype(jnp.int32), 1, bq)
-    kvs = _pad_to(segment_ids.kv.astype(jnp.int32), 1, bk)
+    qs = gc.pad_to(segment_ids.q.astype(jnp.int32), 1, bq)
+    kvs = gc.pad_to(segment_ids.kv.astype(jnp.int32), 1, bk)
   dq = _dq_call(qp, kp, vp, dop, lse2, delta, qs, kvs, lay_q.rows, st_q, interpret)
   glists = group_lists(lay_kv.cols, h, hkv, lay_kv.per_head)
   dk, dv = _dkv_call(qp, kp, vp, dop, lse2, delta, qs, kvs, glists, st_kv, interpret)
