@@ -32,8 +32,9 @@ not write BENCHMARKS.md); the progress lines go to stdout as they happen.
 TFLOP/s counts the chunked algorithm's matmul work (C = 64), the same for both
 implementations: per token and head, forward ``2C(d_k + d_v) + 4 d_k d_v`` (intra-chunk
 ``Q Kᵀ`` and ``A V``, inter-chunk ``Q S`` and ``Kᵀ V``) and backward ``2C(3 d_k + 2 d_v)
-+ 8 d_k d_v`` (unpadded d_k, d_v; GLA's elementwise sub-chunk work is not counted). % of peak is against the dense bf16 tensor-core peak (H100/H200 989 TFLOP/s).
-The kernel runs one CTA per (batch, head, 64-wide d_v tile) walking the chunks in order, so at
++ 8 d_k d_v`` (unpadded d_k, d_v; GLA's elementwise sub-chunk work is not counted). % of peak
+is against the dense bf16 tensor-core peak (H100/H200 989 TFLOP/s). The kernel runs one CTA per
+(batch, head, 64-wide d_v tile, d_k tile <= 128 rows) walking the chunks in order, so at
 batch 1 (T = 32k) only 32 CTAs are busy: that row shows the sequential-chunk limit.
 """
 
