@@ -25,7 +25,7 @@ multiplies V in the WGMMA.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +33,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from effx.pallas_kernels import _gpu_common as gc
+from effx.pallas_kernels._gpu_common import LOG2E, WG_ROWS
 from effx.pallas_kernels.decode_attention import reference as ref_lib
 from effx.pallas_kernels.decode_attention import tpu as tpu_lib
 from effx.pallas_kernels.decode_attention.config import BlockSizes
-
-WG_ROWS = 64
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +55,9 @@ class _Static:
 
 def supported(q, k, *, block_sizes: BlockSizes) -> str | None:
   """None if the Mosaic GPU kernel handles this call, else the reason it does not."""
-  d = q.shape[-1]
-  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f"dtype {q.dtype} (the Mosaic GPU kernel takes bf16/f16)"
-  if q.dtype != k.dtype:
-    return f"q dtype {q.dtype} != k dtype {k.dtype}"
-  if d % 64 or d > 256:
-    return f"head_dim {d} (must be a multiple of 64, <= 256)"
+  reason = gc.unsupported_inputs(q, k)
+  if reason is not None:
+    return reason
   if block_sizes.block_k % 64:
     return f"block_k {block_sizes.block_k} (GPU kernel: a multiple of 64)"
   if q.shape[1] > ref_lib.MAX_NEW_TOKENS:
@@ -74,16 +68,13 @@ def supported(q, k, *, block_sizes: BlockSizes) -> str | None:
 def _call(qr, k, v, lengths, words, st: _Static, interpret, p_via_smem: bool | None):
   """qr ``[b, hkv, rows_p, d]``, k/v ``[b, L_p, hkv, d]``, words int32 ``[b, 2, rows_p]`` ->
   (o ``[b, hkv, splits, rows_p, d]`` normalised per split, lse ``[b, hkv, splits, rows_p]``)."""
-  interpreting = bool(interpret) or jax.default_backend() != "gpu"
+  interpreting = gc.interpreting(interpret)
   if p_via_smem is None:
     p_via_smem = interpreting
   b, hkv, rows_p, d = qr.shape
   dtype = qr.dtype
   w, bk, ns = st.compute_wgs, st.block_k, st.num_stages
   block_rows = w * WG_ROWS
-  tiling = plgpu.TilingTransform((8, 64))
-  swizzle = plgpu.SwizzleTransform(128)
-  reduce_rows = plgpu.Layout.WGMMA.reduce(1)
 
   def kernel(q_ref, k_ref, v_ref, len_ref, w_ref, o_ref, lse_ref, smem, bars):
     qo_smem, k_smem, v_smem, lse_smem, w_smem, p_smem = smem
@@ -99,37 +90,25 @@ def _call(qr, k, v, lengths, words, st: _Static, interpret, p_via_smem: bool | N
     first = sp * st.steps
     count = jnp.clip(last + 1 - first, 0, st.steps)
 
-    def slot_of(t):
-      return lax.rem(t, jnp.int32(ns))
-
     @pl.when(wg < w)
     def _compute():
-      plgpu.set_max_registers(232 if w == 2 else 240, action="increase")
+      plgpu.set_max_registers(gc.compute_registers(w), action="increase")
       row0 = rt * block_rows + wg * WG_ROWS
       q_smem = qo_smem.at[wg]
       plgpu.copy_gmem_to_smem(q_ref.at[bi, kvh, pl.ds(row0, WG_ROWS)], q_smem, q_bar.at[wg])
       plgpu.copy_gmem_to_smem(w_ref.at[bi, :, pl.ds(row0, WG_ROWS)], w_smem.at[wg],
                               q_bar.at[w + wg])
       plgpu.barrier_wait(q_bar.at[w + wg])
-      w0 = plgpu.load(w_smem.at[wg, 0], layout=reduce_rows)
-      w1 = plgpu.load(w_smem.at[wg, 1], layout=reduce_rows)
+      w0 = plgpu.load(w_smem.at[wg, 0], layout=gc.rows_layout())
+      w1 = plgpu.load(w_smem.at[wg, 1], layout=gc.rows_layout())
       plgpu.barrier_wait(q_bar.at[wg])
-
-      m0 = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), reduce_rows)
-      l0 = plgpu.layout_cast(jnp.full((WG_ROWS,), 0.0, jnp.float32), reduce_rows)
-      acc0 = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
       def step(t, carry):
         acc, m_i, l_i = carry
-        slot = slot_of(t)
+        slot = gc.ring_slot(t, ns)
         j = first + t
         plgpu.barrier_wait(k_bar.at[slot])
-
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-          return acc_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
+        s = gc.matmul(q_smem, k_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk))
         plgpu.barrier_arrive(k_used.at[slot])
         if st.cap is not None:
           s = (st.cap * LOG2E) * jnp.tanh(s * (st.scale / st.cap))
@@ -137,8 +116,7 @@ def _call(qr, k, v, lengths, words, st: _Static, interpret, p_via_smem: bool | N
           s = s * (st.scale * LOG2E)
 
         def element_mask(s):
-          cols = j * bk + plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bk), 1,
-                                                 layout=plgpu.Layout.WGMMA)
+          cols = j * bk + gc.iota((WG_ROWS, bk), 1)
           off = cols - start
           offc = jnp.clip(off, 0, 63)
           word = jnp.where(offc < 32, lax.broadcast_in_dim(w0, (WG_ROWS, bk), [0]),
@@ -148,44 +126,16 @@ def _call(qr, k, v, lengths, words, st: _Static, interpret, p_via_smem: bool | N
           return jnp.where((cols < start) | new, s, -jnp.inf)
 
         s = lax.cond((j + 1) * bk <= start, lambda x: x, element_mask, s)
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
-        p16 = p.astype(dtype)
-        if p_smem is not None:   # P through shared memory (GPU interpret mode needs it)
-          p_smem.at[wg][...] = p16
-          plgpu.commit_smem()
-          p_operand = p_smem.at[wg]
-        else:
-          p_operand = p16
-        plgpu.barrier_wait(v_bar.at[slot])
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        if interpreting:
-          def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
-            return acc_ref[...]
+        return gc.softmax_pv_step(
+            s, acc, m_i, l_i, dtype=dtype, v_tile=v_smem.at[slot], v_loaded=v_bar.at[slot],
+            v_free=v_used.at[slot], p_buf=None if p_smem is None else p_smem.at[wg],
+            interpreting=interpreting)
 
-          acc = acc + pl.run_scoped(pv, plgpu.ACC((WG_ROWS, d), jnp.float32))
-        else:
-          def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
-
-          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_used.at[slot])
-        return acc, m_new, l_i
-
-      acc, m_i, l_i = lax.fori_loop(0, count, step, (acc0, m0, l0))
-      empty = l_i == 0.0
-      l_safe = jnp.where(empty, 1.0, l_i)
-      inv = jnp.where(empty, 0.0, 1.0 / l_safe)
-      q_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-      lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, m_i * LN2 + jnp.log(l_safe))
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, kvh, sp, pl.ds(row0, WG_ROWS)])
-      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, kvh, sp, pl.ds(row0, WG_ROWS)])
-      plgpu.wait_smem_to_gmem(0)
+      acc, m_i, l_i = lax.fori_loop(0, count, step, gc.softmax_init(d))
+      gc.softmax_finish(acc, m_i, l_i, dtype=dtype, o_smem=q_smem, lse_smem=lse_smem.at[wg],
+                        o_dst=o_ref.at[bi, kvh, sp, pl.ds(row0, WG_ROWS)],
+                        lse_dst=lse_ref.at[bi, kvh, sp, pl.ds(row0, WG_ROWS)],
+                        empty_lse=-jnp.inf)
 
     @pl.when(wg == w)
     def _memory():
@@ -193,23 +143,15 @@ def _call(qr, k, v, lengths, words, st: _Static, interpret, p_via_smem: bool | N
 
       @pl.loop(0, count)
       def _fetch(t):
-        slot = slot_of(t)
+        slot = gc.ring_slot(t, ns)
         rows = pl.ds((first + t) * bk, bk)
-
-        @pl.when(t >= ns)
-        def _():
-          plgpu.barrier_wait(k_used.at[slot])
-
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, kvh], k_smem.at[slot], k_bar.at[slot])
-
-        @pl.when(t >= ns)
-        def _():
-          plgpu.barrier_wait(v_used.at[slot])
-
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, kvh], v_smem.at[slot], v_bar.at[slot])
+        gc.fetch_kv(t, ns, k_src=k_ref.at[bi, rows, kvh], k_dst=k_smem.at[slot],
+                    k_loaded=k_bar.at[slot], k_free=k_used.at[slot],
+                    v_src=v_ref.at[bi, rows, kvh], v_dst=v_smem.at[slot],
+                    v_loaded=v_bar.at[slot], v_free=v_used.at[slot])
 
   def entry(q_ref, k_ref, v_ref, len_ref, w_ref, o_ref, lse_ref):
-    tile = lambda *shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))
+    tile = functools.partial(gc.tile_smem, dtype)
     smem = (tile(w, WG_ROWS, d), tile(ns, bk, d), tile(ns, bk, d),
             plgpu.SMEM((w, WG_ROWS), jnp.float32), plgpu.SMEM((w, 2, WG_ROWS), jnp.int32),
             tile(w, WG_ROWS, bk) if p_via_smem else None)
@@ -222,16 +164,12 @@ def _call(qr, k, v, lengths, words, st: _Static, interpret, p_via_smem: bool | N
                                            smem_refs, bar_refs),
         smem, bars, collective_axes="wg")
 
-  return plgpu.kernel(
+  return gc.launch(
       entry,
       out_type=(jax.ShapeDtypeStruct((b, hkv, st.splits, rows_p, d), dtype),
                 jax.ShapeDtypeStruct((b, hkv, st.splits, rows_p), jnp.float32)),
       grid=(rows_p // block_rows, hkv, b * st.splits),
-      grid_names=("rows", "heads", "batch_split"),
-      num_threads=w + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
+      grid_names=("rows", "heads", "batch_split"), compute_wgs=w, interpret=interpret,
   )(qr, k, v, lengths, words)
 
 
