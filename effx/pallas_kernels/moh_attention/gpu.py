@@ -35,7 +35,6 @@ above that ``backward_supported`` gives the reason and the gradient is the XLA r
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -44,15 +43,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from effx.pallas_kernels import _gpu_common as gc
+from effx.pallas_kernels._gpu_common import LOG2E, WG_ROWS
 from effx.pallas_kernels.moh_attention import reference as ref_lib
 from effx.pallas_kernels.moh_attention.config import BlockSizes
 
-WG_ROWS = 64          # rows of one WGMMA warpgroup tile
 DQ_BLOCK_K = 64       # keys per dQ step
 DKV_BLOCK_K = 128     # keys per dK/dV CTA (two compute warpgroups)
 DKV_BLOCK_Q = 64      # query rows per dK/dV step
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 SMEM_BYTES = 227 * 1024   # Hopper's shared memory per CTA
 
 
@@ -76,13 +74,10 @@ class _Static:
 
 def supported(q, k, *, block_sizes: BlockSizes) -> str | None:
   """None if the Mosaic GPU forward handles this call, else the reason it does not."""
+  reason = gc.unsupported_inputs(q, k)
+  if reason is not None:
+    return reason
   d = q.shape[-1]
-  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f"dtype {q.dtype} (the Mosaic GPU kernel takes bf16/f16)"
-  if q.dtype != k.dtype:
-    return f"q dtype {q.dtype} != k dtype {k.dtype}"
-  if d % 64 or d > 256:
-    return f"head_dim {d} (must be a multiple of 64, <= 256)"
   if block_sizes.block_q not in (64, 128):
     return f"block_q {block_sizes.block_q} (GPU kernel: 64 or 128)"
   if block_sizes.block_k % 64:
@@ -112,53 +107,11 @@ def backward_supported(q) -> str | None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _tile(dtype, *shape):
-  """A shared-memory tile in the WGMMA operand layout (8 x 64 tiles, 128-byte swizzle)."""
-  return plgpu.SMEM(shape, dtype,
-                    transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-
-
-def _matmul(a, b, shape):
-  """A fresh float32 WGMMA product ``a @ b`` of ``shape``."""
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
-    return acc_ref[...]
-  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
-def _accumulate(acc, a, b, st: _Static):
-  """``acc + a @ b``; in place on hardware (interpret mode cannot run ``pl.run_state``)."""
-  if st.interpreting:
-    return acc + _matmul(a, b, acc.shape)
-
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
-  return pl.run_state(body)(plgpu.ACC.init(acc))
-
-
-def _lhs(x, buf):
-  """A WGMMA left operand: registers on hardware, the shared tile ``buf`` in interpret mode
-  (whose WGMMA takes shared-memory operands only)."""
-  if buf is None:
-    return x
-  buf[...] = x
-  plgpu.commit_smem()
-  return buf
-
-
-def _scores(raw, st: _Static):
-  """Raw ``q . k`` -> (base-2 scores ``log2(e) * score``, tanh of the soft-cap or None)."""
-  if st.cap is None:
-    return raw * (st.scale * LOG2E), None
-  th = jnp.tanh(raw * (st.scale / st.cap))
-  return th * (st.cap * LOG2E), th
-
-
 def _causal(s, row0, col0, *, keys_on_rows: bool):
   """Causal mask of a WGMMA-layout tile whose rows start at position ``row0`` and columns at
   ``col0``; rows are queries (or keys if ``keys_on_rows``)."""
-  rows = row0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-  cols = col0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+  rows = row0 + gc.iota(s.shape, 0)
+  cols = col0 + gc.iota(s.shape, 1)
   return jnp.where(rows <= cols if keys_on_rows else cols <= rows, s, -jnp.inf)
 
 
@@ -167,27 +120,13 @@ def _masked(s, full, row0, col0, *, keys_on_rows: bool, row_ids=None, col_ids=No
   causal = lambda x: _causal(x, row0, col0, keys_on_rows=keys_on_rows)
   s = lax.cond(full, lambda x: x, causal, s)
   if row_ids is not None:
-    same = (lax.broadcast_in_dim(row_ids, s.shape, [0])
-            == lax.broadcast_in_dim(col_ids, s.shape, [1]))
-    s = jnp.where(same, s, -jnp.inf)
+    s = gc.segment_mask(s, row_ids, col_ids)
   return s
 
 
 def _kv_blocks(qt, block_q: int, block_k: int):
   """Key tiles a causal query block ``qt`` needs: ``ceil((qt + 1) * block_q / block_k)``."""
   return lax.div((qt + 1) * block_q + (block_k - 1), jnp.int32(block_k))
-
-
-def _compute_registers(num_compute_wgs: int) -> int:
-  return 232 if num_compute_wgs == 2 else 240
-
-
-def _rows_layout():
-  return plgpu.Layout.WGMMA.reduce(1)   # one value per tile row
-
-
-def _cols_layout():
-  return plgpu.Layout.WGMMA.reduce(0)   # one value per tile column
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,7 +151,7 @@ def _fwd_call(q, k, v, seg, act, st: _Static, interpret):
 
     @pl.when(wg < w)
     def _compute():
-      plgpu.set_max_registers(_compute_registers(w), action="increase")
+      plgpu.set_max_registers(gc.compute_registers(w), action="increase")
       row0 = qt * st.block_q + wg * WG_ROWS
       qs = q_smem.at[wg]
 
@@ -225,46 +164,31 @@ def _fwd_call(q, k, v, seg, act, st: _Static, interpret):
           plgpu.barrier_wait(q_bar.at[w + wg])
         plgpu.barrier_wait(q_bar.at[wg])
 
-      q_ids = plgpu.load(qseg_smem.at[wg], layout=_rows_layout()) if st.has_seg else None
-      m0 = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), _rows_layout())
-      l0 = plgpu.layout_cast(jnp.full((WG_ROWS,), 0.0, jnp.float32), _rows_layout())
-      acc0 = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+      q_ids = plgpu.load(qseg_smem.at[wg], layout=gc.rows_layout()) if st.has_seg else None
 
       def step(t, carry):
         acc, m_i, l_i = carry
-        slot = lax.rem(t, jnp.int32(ns))
+        slot = gc.ring_slot(t, ns)
         plgpu.barrier_wait(k_bar.at[slot])
         kv_ids = None
         if st.has_seg:
           plgpu.barrier_wait(seg_bar.at[slot])
-          kv_ids = plgpu.load(kvseg_smem.at[slot], layout=_cols_layout())
-        s = _matmul(qs, k_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk))
+          kv_ids = plgpu.load(kvseg_smem.at[slot], layout=gc.cols_layout())
+        s = gc.matmul(qs, k_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk))
         plgpu.barrier_arrive(k_used.at[slot])
-        s, _ = _scores(s, st)
+        s, _ = gc.scores(s, scale=st.scale, cap=st.cap)
         s = _masked(s, (t + 1) * bk - 1 <= row0, row0, t * bk, keys_on_rows=False,
                     row_ids=q_ids, col_ids=kv_ids)
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
-        p_op = _lhs(p.astype(dtype), None if p_smem is None else p_smem.at[wg])
-        plgpu.barrier_wait(v_bar.at[slot])
-        acc = _accumulate(acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p_op,
-                          v_smem.at[slot], st)
-        plgpu.barrier_arrive(v_used.at[slot])
-        return acc, m_new, l_i
+        return gc.softmax_pv_step(
+            s, acc, m_i, l_i, dtype=dtype, v_tile=v_smem.at[slot], v_loaded=v_bar.at[slot],
+            v_free=v_used.at[slot], p_buf=None if p_smem is None else p_smem.at[wg],
+            interpreting=st.interpreting)
 
-      acc, m_i, l_i = lax.fori_loop(0, count, step, (acc0, m0, l0))
-      empty = l_i == 0.0                       # inactive pair (no step ran)
-      l_safe = jnp.where(empty, 1.0, l_i)
-      inv = jnp.where(empty, 0.0, 1.0 / l_safe)
-      qs[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-      lse_smem.at[wg][...] = jnp.where(empty, jnp.inf, m_i * LN2 + jnp.log(l_safe))
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(qs, o_ref.at[bi, pl.ds(row0, WG_ROWS), hi])
-      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(row0, WG_ROWS)])
-      plgpu.wait_smem_to_gmem(0)
+      acc, m_i, l_i = lax.fori_loop(0, count, step, gc.softmax_init(d))
+      # An inactive pair ran no step: O = 0, lse = +inf.
+      gc.softmax_finish(acc, m_i, l_i, dtype=dtype, o_smem=qs, lse_smem=lse_smem.at[wg],
+                        o_dst=o_ref.at[bi, pl.ds(row0, WG_ROWS), hi],
+                        lse_dst=lse_ref.at[bi, hi, pl.ds(row0, WG_ROWS)], empty_lse=jnp.inf)
 
     @pl.when(wg == w)
     def _memory():
@@ -273,32 +197,24 @@ def _fwd_call(q, k, v, seg, act, st: _Static, interpret):
 
       @pl.loop(0, count)
       def _fetch(t):
-        slot = lax.rem(t, jnp.int32(ns))
+        slot = gc.ring_slot(t, ns)
         rows = pl.ds(t * bk, bk)
-
-        @pl.when(t >= ns)
-        def _():
-          plgpu.barrier_wait(k_used.at[slot])
-          if st.has_seg:   # order the generic-proxy reads of the ids before the TMA overwrite
-            plgpu.commit_smem()
-
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, kvh], k_smem.at[slot], k_bar.at[slot])
-        if st.has_seg:
-          plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], kvseg_smem.at[slot], seg_bar.at[slot])
-
-        @pl.when(t >= ns)
-        def _():
-          plgpu.barrier_wait(v_used.at[slot])
-
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, kvh], v_smem.at[slot], v_bar.at[slot])
+        gc.fetch_kv(t, ns, k_src=k_ref.at[bi, rows, kvh], k_dst=k_smem.at[slot],
+                    k_loaded=k_bar.at[slot], k_free=k_used.at[slot],
+                    v_src=v_ref.at[bi, rows, kvh], v_dst=v_smem.at[slot],
+                    v_loaded=v_bar.at[slot], v_free=v_used.at[slot],
+                    seg_src=seg_ref.at[bi, rows] if st.has_seg else None,
+                    seg_dst=kvseg_smem.at[slot] if st.has_seg else None,
+                    seg_loaded=seg_bar.at[slot] if st.has_seg else None)
 
   def entry(q_ref, k_ref, v_ref, act_ref, *rest):
     seg_ref, (o_ref, lse_ref) = (rest[0], rest[1:]) if st.has_seg else (None, rest)
-    smem = (_tile(dtype, w, WG_ROWS, d), _tile(dtype, ns, bk, d), _tile(dtype, ns, bk, d),
+    smem = (gc.tile_smem(dtype, w, WG_ROWS, d), gc.tile_smem(dtype, ns, bk, d),
+            gc.tile_smem(dtype, ns, bk, d),
             plgpu.SMEM((w, WG_ROWS), jnp.float32),
             plgpu.SMEM((w, WG_ROWS), jnp.int32) if st.has_seg else None,
             plgpu.SMEM((ns, bk), jnp.int32) if st.has_seg else None,
-            _tile(dtype, w, WG_ROWS, bk) if st.interpreting else None)
+            gc.tile_smem(dtype, w, WG_ROWS, bk) if st.interpreting else None)
     bars = (plgpu.Barrier(num_barriers=2 * w), plgpu.Barrier(num_barriers=ns),
             plgpu.Barrier(num_barriers=ns),
             plgpu.Barrier(num_barriers=ns) if st.has_seg else None,
@@ -309,14 +225,12 @@ def _fwd_call(q, k, v, seg, act, st: _Static, interpret):
                   smem, bars, collective_axes="wg")
 
   args = [q, k, v, act] + ([seg] if st.has_seg else [])
-  return plgpu.kernel(
+  return gc.launch(
       entry,
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
       grid=(h, nq, b), grid_names=("heads", "q_seq", "batch"),
-      num_threads=w + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
+      compute_wgs=w, interpret=interpret,
   )(*args)
 
 
@@ -358,7 +272,7 @@ def _dq_call(q, k, v, do, lse2, delta, seg, act, st: _Static, interpret):
 
     @pl.when(wg < w)
     def _compute():
-      plgpu.set_max_registers(_compute_registers(w), action="increase")
+      plgpu.set_max_registers(gc.compute_registers(w), action="increase")
       row0 = qt * st.block_q + wg * WG_ROWS
       rows = pl.ds(row0, WG_ROWS)
       qs, dos = q_smem.at[wg], do_smem.at[wg]
@@ -375,30 +289,31 @@ def _dq_call(q, k, v, do, lse2, delta, seg, act, st: _Static, interpret):
         for n in range(len(loads)):
           plgpu.barrier_wait(row_bar.at[n * w + wg])
 
-      lse = plgpu.load(stat_smem.at[wg, 0], layout=_rows_layout())
-      delta = plgpu.load(stat_smem.at[wg, 1], layout=_rows_layout())
-      q_ids = plgpu.load(qseg_smem.at[wg], layout=_rows_layout()) if st.has_seg else None
-      dq0 = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+      lse = plgpu.load(stat_smem.at[wg, 0], layout=gc.rows_layout())
+      delta = plgpu.load(stat_smem.at[wg, 1], layout=gc.rows_layout())
+      q_ids = plgpu.load(qseg_smem.at[wg], layout=gc.rows_layout()) if st.has_seg else None
+      dq0 = gc.zeros((WG_ROWS, d))
 
       def step(t, dq):
-        slot = lax.rem(t, jnp.int32(ns))
+        slot = gc.ring_slot(t, ns)
         plgpu.barrier_wait(k_bar.at[slot])
         kv_ids = None
         if st.has_seg:
           plgpu.barrier_wait(seg_bar.at[slot])
-          kv_ids = plgpu.load(kvseg_smem.at[slot], layout=_cols_layout())
-        s, th = _scores(_matmul(qs, k_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk)), st)
+          kv_ids = plgpu.load(kvseg_smem.at[slot], layout=gc.cols_layout())
+        s, th = gc.scores(gc.matmul(qs, k_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk)),
+                          scale=st.scale, cap=st.cap)
         s = _masked(s, (t + 1) * bk - 1 <= row0, row0, t * bk, keys_on_rows=False,
                     row_ids=q_ids, col_ids=kv_ids)
         p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
         plgpu.barrier_wait(v_bar.at[slot])
-        dp = _matmul(dos, v_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk))
+        dp = gc.matmul(dos, v_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk))
         plgpu.barrier_arrive(v_used.at[slot])
         ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
         if th is not None:
           ds = ds * (1.0 - th * th)
-        ds_op = _lhs(ds.astype(dtype), None if ds_smem is None else ds_smem.at[wg])
-        dq = _accumulate(dq, ds_op, k_smem.at[slot], st)
+        ds_op = gc.lhs(ds.astype(dtype), None if ds_smem is None else ds_smem.at[wg])
+        dq = gc.accumulate(dq, ds_op, k_smem.at[slot], st.interpreting)
         plgpu.barrier_arrive(k_used.at[slot])
         return dq
 
@@ -415,33 +330,24 @@ def _dq_call(q, k, v, do, lse2, delta, seg, act, st: _Static, interpret):
 
       @pl.loop(0, count)
       def _fetch(t):
-        slot = lax.rem(t, jnp.int32(ns))
+        slot = gc.ring_slot(t, ns)
         rows = pl.ds(t * bk, bk)
-
-        @pl.when(t >= ns)
-        def _():
-          plgpu.barrier_wait(k_used.at[slot])
-          if st.has_seg:
-            plgpu.commit_smem()
-
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, kvh], k_smem.at[slot], k_bar.at[slot])
-        if st.has_seg:
-          plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], kvseg_smem.at[slot], seg_bar.at[slot])
-
-        @pl.when(t >= ns)
-        def _():
-          plgpu.barrier_wait(v_used.at[slot])
-
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, kvh], v_smem.at[slot], v_bar.at[slot])
+        gc.fetch_kv(t, ns, k_src=k_ref.at[bi, rows, kvh], k_dst=k_smem.at[slot],
+                    k_loaded=k_bar.at[slot], k_free=k_used.at[slot],
+                    v_src=v_ref.at[bi, rows, kvh], v_dst=v_smem.at[slot],
+                    v_loaded=v_bar.at[slot], v_free=v_used.at[slot],
+                    seg_src=seg_ref.at[bi, rows] if st.has_seg else None,
+                    seg_dst=kvseg_smem.at[slot] if st.has_seg else None,
+                    seg_loaded=seg_bar.at[slot] if st.has_seg else None)
 
   def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, act_ref, *rest):
     seg_ref, (dq_ref,) = (rest[0], rest[1:]) if st.has_seg else (None, rest)
-    smem = (_tile(dtype, w, WG_ROWS, d), _tile(dtype, w, WG_ROWS, d),
-            _tile(dtype, ns, bk, d), _tile(dtype, ns, bk, d),
+    smem = (gc.tile_smem(dtype, w, WG_ROWS, d), gc.tile_smem(dtype, w, WG_ROWS, d),
+            gc.tile_smem(dtype, ns, bk, d), gc.tile_smem(dtype, ns, bk, d),
             plgpu.SMEM((w, 2, WG_ROWS), jnp.float32),
             plgpu.SMEM((w, WG_ROWS), jnp.int32) if st.has_seg else None,
             plgpu.SMEM((ns, bk), jnp.int32) if st.has_seg else None,
-            _tile(dtype, w, WG_ROWS, bk) if st.interpreting else None)
+            gc.tile_smem(dtype, w, WG_ROWS, bk) if st.interpreting else None)
     bars = (plgpu.Barrier(num_barriers=(5 if st.has_seg else 4) * w),
             plgpu.Barrier(num_barriers=ns), plgpu.Barrier(num_barriers=ns),
             plgpu.Barrier(num_barriers=ns) if st.has_seg else None,
@@ -452,12 +358,10 @@ def _dq_call(q, k, v, do, lse2, delta, seg, act, st: _Static, interpret):
                   smem, bars, collective_axes="wg")
 
   args = [q, k, v, do, lse2, delta, act] + ([seg] if st.has_seg else [])
-  return plgpu.kernel(
+  return gc.launch(
       entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
       grid=(h, nq, b), grid_names=("heads", "q_seq", "batch"),
-      num_threads=w + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
+      compute_wgs=w, interpret=interpret,
   )(*args)
 
 
@@ -507,7 +411,7 @@ def _dkv_call(q, k, v, do, lse2, delta, seg, tables, st: _Static, interpret):
 
     @pl.when(wg < w)
     def _compute():
-      plgpu.set_max_registers(_compute_registers(w), action="increase")
+      plgpu.set_max_registers(gc.compute_registers(w), action="increase")
       row0 = j * DKV_BLOCK_K + wg * WG_ROWS
       rows = pl.ds(row0, WG_ROWS)
       ks, vs = k_smem.at[wg], v_smem.at[wg]
@@ -522,8 +426,8 @@ def _dkv_call(q, k, v, do, lse2, delta, seg, tables, st: _Static, interpret):
         for n in range(len(loads)):
           plgpu.barrier_wait(key_bar.at[n * w + wg])
 
-      k_ids = plgpu.load(kseg_smem.at[wg], layout=_rows_layout()) if st.has_seg else None
-      zeros = plgpu.layout_cast(jnp.full((WG_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+      k_ids = plgpu.load(kseg_smem.at[wg], layout=gc.rows_layout()) if st.has_seg else None
+      zeros = gc.zeros((WG_ROWS, d))
 
       def step(t, carry):
         dk, dv = carry
@@ -534,25 +438,26 @@ def _dkv_call(q, k, v, do, lse2, delta, seg, tables, st: _Static, interpret):
         q_ids = None
         if st.has_seg:
           plgpu.barrier_wait(seg_bar.at[slot])
-          q_ids = plgpu.load(qseg_smem.at[slot], layout=_cols_layout())
+          q_ids = plgpu.load(qseg_smem.at[slot], layout=gc.cols_layout())
         qs = q_smem.at[slot]
-        s, th = _scores(_matmul(ks, qs.transpose((1, 0)), (WG_ROWS, bq)), st)   # S^T
+        s, th = gc.scores(gc.matmul(ks, qs.transpose((1, 0)), (WG_ROWS, bq)),   # S^T
+                          scale=st.scale, cap=st.cap)
         s = _masked(s, row0 + (WG_ROWS - 1) <= col0, row0, col0, keys_on_rows=True,
                     row_ids=k_ids, col_ids=q_ids)
-        lse = plgpu.load(stat_smem.at[slot, 0], layout=_cols_layout())
+        lse = plgpu.load(stat_smem.at[slot, 0], layout=gc.cols_layout())
         p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [1]))
-        p_op = _lhs(p.astype(dtype), None if p_smem is None else p_smem.at[wg])
+        p_op = gc.lhs(p.astype(dtype), None if p_smem is None else p_smem.at[wg])
         plgpu.barrier_wait(do_bar.at[slot])
         dos = do_smem.at[slot]
-        dv = _accumulate(dv, p_op, dos, st)
-        dp = _matmul(vs, dos.transpose((1, 0)), (WG_ROWS, bq))               # dP^T
+        dv = gc.accumulate(dv, p_op, dos, st.interpreting)
+        dp = gc.matmul(vs, dos.transpose((1, 0)), (WG_ROWS, bq))               # dP^T
         plgpu.barrier_wait(delta_bar.at[slot])
-        delta = plgpu.load(stat_smem.at[slot, 1], layout=_cols_layout())
+        delta = plgpu.load(stat_smem.at[slot, 1], layout=gc.cols_layout())
         ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [1]))
         if th is not None:
           ds = ds * (1.0 - th * th)
-        ds_op = _lhs(ds.astype(dtype), None if ds_smem is None else ds_smem.at[wg])
-        dk = _accumulate(dk, ds_op, qs, st)
+        ds_op = gc.lhs(ds.astype(dtype), None if ds_smem is None else ds_smem.at[wg])
+        dk = gc.accumulate(dk, ds_op, qs, st.interpreting)
         plgpu.barrier_arrive(used.at[slot])
         return dk, dv
 
@@ -591,13 +496,13 @@ def _dkv_call(q, k, v, do, lse2, delta, seg, tables, st: _Static, interpret):
   def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lst_ref, start_ref, cnt_ref,
             *rest):
     seg_ref, (dk_ref, dv_ref) = (rest[0], rest[1:]) if st.has_seg else (None, rest)
-    smem = (_tile(dtype, w, WG_ROWS, d), _tile(dtype, w, WG_ROWS, d),
-            _tile(dtype, ns, bq, d), _tile(dtype, ns, bq, d),
+    smem = (gc.tile_smem(dtype, w, WG_ROWS, d), gc.tile_smem(dtype, w, WG_ROWS, d),
+            gc.tile_smem(dtype, ns, bq, d), gc.tile_smem(dtype, ns, bq, d),
             plgpu.SMEM((ns, 2, bq), jnp.float32),
             plgpu.SMEM((w, WG_ROWS), jnp.int32) if st.has_seg else None,
             plgpu.SMEM((ns, bq), jnp.int32) if st.has_seg else None,
-            _tile(dtype, w, WG_ROWS, bq) if st.interpreting else None,
-            _tile(dtype, w, WG_ROWS, bq) if st.interpreting else None)
+            gc.tile_smem(dtype, w, WG_ROWS, bq) if st.interpreting else None,
+            gc.tile_smem(dtype, w, WG_ROWS, bq) if st.interpreting else None)
     slots = lambda: plgpu.Barrier(num_barriers=ns)
     bars = (plgpu.Barrier(num_barriers=(3 if st.has_seg else 2) * w), slots(), slots(),
             slots(), slots(), slots() if st.has_seg else None,
@@ -608,12 +513,10 @@ def _dkv_call(q, k, v, do, lse2, delta, seg, tables, st: _Static, interpret):
                   smem, bars, collective_axes="wg")
 
   args = [q, k, v, do, lse2, delta, *tables] + ([seg] if st.has_seg else [])
-  return plgpu.kernel(
+  return gc.launch(
       entry, out_type=(jax.ShapeDtypeStruct(k.shape, dtype),) * 2,
       grid=(hkv, nkb, b), grid_names=("kv_heads", "kv_seq", "batch"),
-      num_threads=w + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
+      compute_wgs=w, interpret=interpret,
   )(*args)
 
 
@@ -632,13 +535,6 @@ def _bwd(qp, kp, vp, seg, act, o, lse, do, st: _Static, interpret):
 # ------------------------------------------------------------------------------------------------
 # Entry
 # ------------------------------------------------------------------------------------------------
-
-
-def _pad_time(x, tp: int):
-  extra = tp - x.shape[1]
-  if not extra:
-    return x
-  return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
 
 
 def moh_attention_gpu(q, k, v, gates, *, active=None, segment_ids=None,
@@ -682,8 +578,8 @@ def moh_attention_gpu(q, k, v, gates, *, active=None, segment_ids=None,
   act = jnp.swapaxes(act, 1, 2)                          # [B, H, nq]
   seg = None
   if segment_ids is not None:
-    seg = _pad_time(jnp.asarray(segment_ids, jnp.int32), tp)
-  qp, kp, vp = (_pad_time(x, tp) for x in (q, k, v))
+    seg = gc.pad_time(jnp.asarray(segment_ids, jnp.int32), tp)
+  qp, kp, vp = (gc.pad_time(x, tp) for x in (q, k, v))
   kernel_bwd = backward_supported(q) is None
 
   @jax.custom_vjp
