@@ -31,12 +31,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from effx.pallas_kernels._tpu_common import NUM_LANES, lanes as _lanes, scaled_scores as _scores
+from effx.pallas_kernels import _tpu_common as tc
+from effx.pallas_kernels._tpu_common import NUM_LANES, NUM_SUBLANES, lanes as _lanes
 from effx.pallas_kernels.flash_attention import layout as layout_lib
 from effx.pallas_kernels.flash_attention import reference as ref_lib
 from effx.pallas_kernels.flash_attention.config import BlockSizes
-
-NUM_SUBLANES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,45 +120,28 @@ def _fwd_kernel(idx_ref, cnt_ref, cls_ref, *refs, st: _Static, num_scalars: int)
   o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
   h, i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
   hm = h if st.per_head else 0
-  head_dim = acc_scr.shape[-1]
 
   @pl.when(t == 0)
   def _init():
-    m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
-    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+    tc.softmax_init(m_scr, l_scr, acc_scr)
 
   @pl.when(t < cnt_ref[hm, i])
   def _visit():
     j = idx_ref[hm, i, t]
 
     def body(partial: bool):
-      s, _ = _scores(q_ref[...], k_ref[...], st)
+      s, _ = tc.scaled_scores(q_ref[...], k_ref[...], st)
       mask = _mask(i, j, st, partial=partial, qseg_ref=qseg_ref, kvseg_ref=kvseg_ref,
                    tile_ref=tile_ref if partial else None)
       if mask is not None:
         s = jnp.where(mask, s, -jnp.inf)
-      m_prev, l_prev = m_scr[...], l_scr[...]
-      m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))     # [bq, 128]
-      m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-      alpha = jnp.exp(m_prev - m_safe)
-      p = jnp.exp(s - _lanes(m_safe, st.block_k))
-      l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-      m_scr[...] = m_next
-      v = v_ref[...]
-      pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-      acc_scr[...] = acc_scr[...] * _lanes(alpha, head_dim) + pv
+      tc.softmax_update(s, v_ref, m_scr, l_scr, acc_scr, st.block_k)
 
     _dispatch(cls_ref[hm, i, t], st, body)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
-    l, m = l_scr[...], m_scr[...]
-    empty = l == 0.0
-    inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l))
-    o_ref[...] = (acc_scr[...] * _lanes(inv, head_dim)).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+    tc.softmax_finish(o_ref, lse_ref, m_scr, l_scr, acc_scr)
 
 
 def _scalar_args(lists: layout_lib.BlockLists, with_tile: bool):
@@ -215,8 +197,7 @@ def _fwd(q, k, v, qseg, kvseg, tiles, lay: layout_lib.KernelLayout, st: _Static,
           num_scalar_prefetch=num_scalars, grid=(b, h, nq, steps), in_specs=in_specs,
           out_specs=out_specs, scratch_shapes=scratch),
       out_shape=out_shape,
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=tc.compiler_params(),
       interpret=interpret,
       name="effx_flash_fwd",
   )(*_scalar_args(lists, st.has_tiles), *args)
@@ -231,17 +212,9 @@ def _fwd(q, k, v, qseg, kvseg, tiles, lay: layout_lib.KernelLayout, st: _Static,
 def _recompute(q, k, v, do, lse, di, i, j, st: _Static, partial: bool, qseg_ref, kvseg_ref,
                tile_ref):
   """P and dS (w.r.t. the raw scaled scores) of tile (i, j), float32 ``[bq, bk]``."""
-  s, th = _scores(q, k, st)
-  mask = _mask(i, j, st, partial=partial, qseg_ref=qseg_ref, kvseg_ref=kvseg_ref,
-               tile_ref=tile_ref if partial else None)
-  if mask is not None:
-    s = jnp.where(mask, s, -jnp.inf)
-  p = jnp.exp(s - _lanes(lse, st.block_k))      # lse = +inf on empty rows -> p = 0
-  dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  ds = p * (dp - _lanes(di, st.block_k))
-  if th is not None:
-    ds = ds * (1.0 - th * th)
-  return p, ds
+  return tc.recompute(q, k, v, do, lse, di, st, lambda: _mask(
+      i, j, st, partial=partial, qseg_ref=qseg_ref, kvseg_ref=kvseg_ref,
+      tile_ref=tile_ref if partial else None))
 
 
 def _dq_kernel(idx_ref, cnt_ref, cls_ref, *refs, st: _Static, num_scalars: int):
@@ -254,7 +227,7 @@ def _dq_kernel(idx_ref, cnt_ref, cls_ref, *refs, st: _Static, num_scalars: int):
 
   @pl.when(t == 0)
   def _init():
-    dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+    tc.zero_scratch(dq_scr)
 
   @pl.when(t < cnt_ref[hm, i])
   def _visit():
@@ -264,8 +237,7 @@ def _dq_kernel(idx_ref, cnt_ref, cls_ref, *refs, st: _Static, num_scalars: int):
       k = k_ref[...]
       _, ds = _recompute(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], di_ref[...],
                          i, j, st, partial, qseg_ref, kvseg_ref, tile_ref)
-      dq_scr[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
+      tc.accumulate_dq(dq_scr, ds, k)
 
     _dispatch(cls_ref[hm, i, t], st, body)
 
@@ -286,8 +258,7 @@ def _dkv_kernel(idx_ref, cnt_ref, cls_ref, *refs, st: _Static, num_scalars: int,
 
   @pl.when(t == 0)
   def _init():
-    dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
-    dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+    tc.zero_scratch(dk_scr, dv_scr)
 
   @pl.when(tt < cnt_ref[hm, j])
   def _visit():
@@ -297,17 +268,13 @@ def _dkv_kernel(idx_ref, cnt_ref, cls_ref, *refs, st: _Static, num_scalars: int,
       q, do = q_ref[...], do_ref[...]
       p, ds = _recompute(q, k_ref[...], v_ref[...], do, lse_ref[...], di_ref[...], i, j, st,
                          partial, qseg_ref, kvseg_ref, tile_ref)
-      dv_scr[...] += jax.lax.dot_general(p.astype(do.dtype).T, do, (((1,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
-      dk_scr[...] += jax.lax.dot_general(ds.astype(q.dtype).T, q, (((1,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
+      tc.accumulate_dkv(dk_scr, dv_scr, p, ds, q, do)
 
     _dispatch(cls_ref[hm, j, tt], st, body)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
-    dk_ref[...] = (dk_scr[...] * st.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+    tc.finish_dkv(dk_ref, dv_ref, dk_scr, dv_scr, st.scale)
 
 
 def _bwd(q, k, v, qseg, kvseg, tiles, o, lse, do, lay: layout_lib.KernelLayout, st: _Static,
@@ -320,10 +287,8 @@ def _bwd(q, k, v, qseg, kvseg, tiles, o, lse, do, lay: layout_lib.KernelLayout, 
   g = st.groups
   ph = st.per_head
   num_scalars = 4 if st.has_tiles else 3
-  di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-  lse_l = jnp.broadcast_to(lse[..., None], (b, h, lq, NUM_LANES))
-  di_l = jnp.broadcast_to(di[..., None], (b, h, lq, NUM_LANES))
-  cp = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+  lse_l, di_l = tc.backward_stats(o, lse, do)
+  cp = tc.compiler_params()
 
   def hm(hh):
     return hh if ph else 0
@@ -377,12 +342,7 @@ def _bwd(q, k, v, qseg, kvseg, tiles, o, lse, do, lay: layout_lib.KernelLayout, 
   def k_map(bb, kh, j, t, *s):
     return bb, kh, j, 0
 
-  in_specs = [pl.BlockSpec((None, None, bq, d), qi_map),
-              pl.BlockSpec((None, None, bk, d), k_map),
-              pl.BlockSpec((None, None, bk, d), k_map),
-              pl.BlockSpec((None, None, bq, d), qi_map),
-              pl.BlockSpec((None, None, bq, NUM_LANES), qi_map),
-              pl.BlockSpec((None, None, bq, NUM_LANES), qi_map)]
+  in_specs = tc.dkv_in_specs(bq, bk, d, qi_map, k_map)
   args = [q, k, v, do, lse_l, di_l]
   if st.has_seg:
     def qseg_map(bb, kh, j, t, idx, *s):

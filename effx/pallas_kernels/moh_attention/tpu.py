@@ -36,11 +36,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from effx.pallas_kernels._tpu_common import NUM_LANES, lanes as _lanes, scaled_scores as _scores
+from effx.pallas_kernels import _tpu_common as tc
+from effx.pallas_kernels._tpu_common import NUM_LANES, NUM_SUBLANES, lanes as _lanes
 from effx.pallas_kernels.moh_attention import reference as ref_lib
 from effx.pallas_kernels.moh_attention.config import BlockSizes
-
-NUM_SUBLANES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,37 +138,20 @@ def _fwd_kernel(act_ref, src_ref, *refs, st: _Static):
   (q_ref, k_ref, v_ref), qseg_ref, kvseg_ref, rest = _split(refs, 3, st)
   o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
   i, t, visit = _visit_row(act_ref, st)
-  head_dim = acc_scr.shape[-1]
 
   @pl.when(t == 0)
   def _init():
-    m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
-    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+    tc.softmax_init(m_scr, l_scr, acc_scr)
 
   @pl.when(visit)
   def _visit():
-    s, _ = _scores(q_ref[...], k_ref[...], st)
+    s, _ = tc.scaled_scores(q_ref[...], k_ref[...], st)
     s = jnp.where(_mask(i, t, st, qseg_ref, kvseg_ref), s, -jnp.inf)
-    m_prev, l_prev = m_scr[...], l_scr[...]
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))     # [bq, 128]
-    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-    alpha = jnp.exp(m_prev - m_safe)
-    p = jnp.exp(s - _lanes(m_safe, st.block_k))
-    l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    m_scr[...] = m_next
-    v = v_ref[...]
-    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    acc_scr[...] = acc_scr[...] * _lanes(alpha, head_dim) + pv
+    tc.softmax_update(s, v_ref, m_scr, l_scr, acc_scr, st.block_k)
 
   @pl.when(t == st.nk - 1)
   def _finish():   # inactive rows: l = 0 -> O = 0, L = +inf
-    l, m = l_scr[...], m_scr[...]
-    empty = l == 0.0
-    inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l))
-    o_ref[...] = (acc_scr[...] * _lanes(inv, head_dim)).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+    tc.softmax_finish(o_ref, lse_ref, m_scr, l_scr, acc_scr)
 
 
 def _row_specs(st: _Static, d: int, n_q_side: int, n_kv_side: int, n_stats: int):
@@ -206,8 +188,7 @@ def _fwd(q, k, v, segs, act, src, st: _Static, interpret):
                           pltpu.VMEM((bq, d), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, tp, NUM_LANES), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=tc.compiler_params(),
       interpret=interpret,
       name="effx_moh_fwd",
   )(act, src, *args)
@@ -221,14 +202,7 @@ def _fwd(q, k, v, segs, act, src, st: _Static, interpret):
 
 def _recompute(q, k, v, do, lse, di, i, j, st: _Static, qseg_ref, kvseg_ref):
   """P and dS (w.r.t. the raw scaled scores) of tile (i, j), float32 ``[bq, bk]``."""
-  s, th = _scores(q, k, st)
-  s = jnp.where(_mask(i, j, st, qseg_ref, kvseg_ref), s, -jnp.inf)
-  p = jnp.exp(s - _lanes(lse, st.block_k))
-  dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  ds = p * (dp - _lanes(di, st.block_k))
-  if th is not None:
-    ds = ds * (1.0 - th * th)
-  return p, ds
+  return tc.recompute(q, k, v, do, lse, di, st, lambda: _mask(i, j, st, qseg_ref, kvseg_ref))
 
 
 def _dq_kernel(act_ref, src_ref, *refs, st: _Static):
@@ -238,15 +212,14 @@ def _dq_kernel(act_ref, src_ref, *refs, st: _Static):
 
   @pl.when(t == 0)
   def _init():
-    dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+    tc.zero_scratch(dq_scr)
 
   @pl.when(visit)
   def _visit():
     k = k_ref[...]
     _, ds = _recompute(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], di_ref[...], i, t,
                        st, qseg_ref, kvseg_ref)
-    dq_scr[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
+    tc.accumulate_dq(dq_scr, ds, k)
 
   @pl.when(t == st.nk - 1)
   def _finish():
@@ -263,23 +236,18 @@ def _dkv_kernel(act_ref, nxt_ref, *refs, st: _Static):
 
   @pl.when(t == 0)
   def _init():
-    dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
-    dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+    tc.zero_scratch(dk_scr, dv_scr)
 
   @pl.when(visit)
   def _visit():
     q, do = q_ref[...], do_ref[...]
     p, ds = _recompute(q, k_ref[...], v_ref[...], do, lse_ref[...], di_ref[...], i, j, st,
                        qseg_ref, kvseg_ref)
-    dv_scr[...] += jax.lax.dot_general(p.astype(do.dtype).T, do, (((1,), (0,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
-    dk_scr[...] += jax.lax.dot_general(ds.astype(q.dtype).T, q, (((1,), (0,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
+    tc.accumulate_dkv(dk_scr, dv_scr, p, ds, q, do)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
-    dk_ref[...] = (dk_scr[...] * st.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+    tc.finish_dkv(dk_ref, dv_ref, dk_scr, dv_scr, st.scale)
 
 
 def _bwd(q, k, v, segs, act, src, nxt, o, lse, do, st: _Static, interpret):
@@ -287,10 +255,8 @@ def _bwd(q, k, v, segs, act, src, nxt, o, lse, do, st: _Static, interpret):
   b, h, tp, d = q.shape
   hkv = k.shape[1]
   bq, bk, g, nq = st.block_q, st.block_k, st.groups, st.nq
-  di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-  lse_l = jnp.broadcast_to(lse[..., None], (b, h, tp, NUM_LANES))
-  di_l = jnp.broadcast_to(di[..., None], (b, h, tp, NUM_LANES))
-  cp = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+  lse_l, di_l = tc.backward_stats(o, lse, do)
+  cp = tc.compiler_params()
 
   # ---- dQ: the forward's row grid.
   q_specs, seg_specs = _row_specs(st, d, 1, 0, 0)
@@ -326,12 +292,7 @@ def _bwd(q, k, v, segs, act, src, nxt, o, lse, do, st: _Static, interpret):
   def k_map(bb, kh, j, t, *_):
     return bb, kh, j, 0
 
-  in_specs = [pl.BlockSpec((None, None, bq, d), qi_map),
-              pl.BlockSpec((None, None, bk, d), k_map),
-              pl.BlockSpec((None, None, bk, d), k_map),
-              pl.BlockSpec((None, None, bq, d), qi_map),
-              pl.BlockSpec((None, None, bq, NUM_LANES), qi_map),
-              pl.BlockSpec((None, None, bq, NUM_LANES), qi_map)]
+  in_specs = tc.dkv_in_specs(bq, bk, d, qi_map, k_map)
   args = [q, k, v, do, lse_l, di_l]
   if st.has_seg:
     def qseg_map(bb, kh, j, t, act_ref, nxt_ref):
