@@ -22,13 +22,9 @@ from effx.pallas_kernels.decode_attention import gpu as da_gpu
 from effx.pallas_kernels.decode_attention import reference as da_ref
 from effx.pallas_kernels.decode_attention import tpu as da_tpu
 from effx.pallas_kernels.decode_attention.config import BlockSizes
+from _helpers import GPU_INTERPRET, SETTINGS, TPU_INTERPRET
 
-TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
-GPU_INTERPRET = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
-SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, database=None,
-                phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate),
-                suppress_health_check=list(hypothesis.HealthCheck))
 
 
 def _inputs(seed, b, t, h, hkv, d, kv_len, dtype):

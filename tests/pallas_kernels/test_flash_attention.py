@@ -26,30 +26,10 @@ from effx.pallas_kernels.flash_attention import layout as fa_layout
 from effx.pallas_kernels.flash_attention import tpu as fa_tpu
 from effx.pallas_kernels.flash_attention.config import BlockSizes
 from effx.pallas_kernels.flash_attention.reference import attention_reference
+from _helpers import (GPU_INTERPRET, SETTINGS, TPU_INTERPRET, attention_inputs, check_close,
+                      segments)
 
-TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
-GPU_INTERPRET = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
 TOL = {jnp.float32: (1e-5, 5e-5), jnp.bfloat16: (2e-2, 6e-2)}
-# No shrinking: every example runs interpreted kernels, so a shrink would take minutes.
-SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, database=None,
-                phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate),
-                suppress_health_check=list(hypothesis.HealthCheck))
-
-
-def _inputs(seed, b, lq, lk, h, hkv, d, dtype):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (b, lq, h, d), jnp.float32).astype(dtype)
-  k = jax.random.normal(ks[1], (b, lk, hkv, d), jnp.float32).astype(dtype)
-  v = jax.random.normal(ks[2], (b, lk, hkv, d), jnp.float32).astype(dtype)
-  do = jax.random.normal(ks[3], (b, lq, h, d), jnp.float32).astype(dtype)
-  return q, k, v, do
-
-
-def _segments(seed, b, length, num):
-  """Random packed-document ids (sorted, 0 = padding tail allowed)."""
-  rng = np.random.default_rng(seed)
-  ids = np.sort(rng.integers(0, num + 1, size=(b, length)), axis=1)
-  return jnp.asarray(ids, jnp.int32)
 
 
 def _random_dense_mask(seed, heads, lq, lk, bq, bk, density=0.5):
@@ -68,14 +48,6 @@ def _random_dense_mask(seed, heads, lq, lk, bq, bk, density=0.5):
   return dense
 
 
-def _check_close(name, got, want, atol):
-  got = np.asarray(jnp.asarray(got, jnp.float32))
-  want = np.asarray(jnp.asarray(want, jnp.float32))
-  assert np.isfinite(got).all(), f"{name}: non-finite values"
-  err = np.abs(got - want).max() if got.size else 0.0
-  assert err <= atol * max(1.0, np.abs(want).max()), f"{name}: max err {err} > {atol}"
-
-
 def _compare_tpu(q, k, v, do, *, block_sizes, grads=True, **kw):
   ref = functools.partial(attention_reference, **kw)
   ker = functools.partial(fa_tpu.flash_attention_tpu, block_sizes=block_sizes, **kw)
@@ -87,12 +59,12 @@ def _compare_tpu(q, k, v, do, *, block_sizes, grads=True, **kw):
     else:
       o = ker(q, k, v)
   ro, rvjp = jax.vjp(ref, q, k, v)
-  _check_close("o", o, ro, atol)
+  check_close("o", o, ro, atol)
   assert o.dtype == q.dtype and o.shape == q.shape
   if grads:
     for name, g, r in zip(("dq", "dk", "dv"), (dq, dk, dv), rvjp(do)):
       assert g.shape == r.shape and g.dtype == r.dtype, name
-      _check_close(name, g, r, gtol)
+      check_close(name, g, r, gtol)
   return o
 
 
@@ -166,9 +138,9 @@ def test_block_sizes_validation_and_defaults():
 
 
 def test_reference_matches_jax_nn_and_empty_rows():
-  q, k, v, _ = _inputs(0, 2, 9, 9, 4, 2, 16, jnp.float32)
+  q, k, v, _ = attention_inputs(0, 2, 9, 9, 4, 2, 16, jnp.float32)
   want = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-  _check_close("causal", attention_reference(q, k, v, causal=True), want, 1e-5)
+  check_close("causal", attention_reference(q, k, v, causal=True), want, 1e-5)
   # Rows whose segment has no key at or before them output exactly 0.
   seg_q = jnp.array([[1] * 9, [2] * 9], jnp.int32)
   seg_k = jnp.array([[1] * 9, [3] * 9], jnp.int32)
@@ -194,8 +166,8 @@ _HEADS = st.sampled_from([(2, 2), (4, 2), (2, 1)])
     seed=st.integers(0, 2**16))
 def test_tpu_kernel_f32(b, lq, lk, heads, causal, window, seg, cap, blocks, seed):
   h, hkv = heads
-  q, k, v, do = _inputs(seed, b, lq, lk, h, hkv, 32, jnp.float32)
-  segment_ids = (_segments(seed, b, lq, 2), _segments(seed + 1, b, lk, 2)) if seg else None
+  q, k, v, do = attention_inputs(seed, b, lq, lk, h, hkv, 32, jnp.float32)
+  segment_ids = (segments(seed, b, lq, 2), segments(seed + 1, b, lk, 2)) if seg else None
   bq, bk, bqb, bkb = blocks
   _compare_tpu(q, k, v, do, block_sizes=BlockSizes(bq, bk, bqb, bkb), causal=causal,
                window=window, segment_ids=segment_ids, logit_soft_cap=cap)
@@ -207,7 +179,7 @@ def test_tpu_kernel_f32(b, lq, lk, heads, causal, window, seg, cap, blocks, seed
                   seed=st.integers(0, 2**16))
 def test_tpu_kernel_bf16(lq, lk, heads, causal, window, seed):
   h, hkv = heads
-  q, k, v, do = _inputs(seed, 1, lq, lk, h, hkv, 64, jnp.bfloat16)
+  q, k, v, do = attention_inputs(seed, 1, lq, lk, h, hkv, 64, jnp.bfloat16)
   _compare_tpu(q, k, v, do, block_sizes=BlockSizes(16, 16), causal=causal, window=window)
 
 
@@ -217,7 +189,7 @@ def test_tpu_kernel_block_sparse(per_head, causal):
   dense = _random_dense_mask(3 + per_head, h if per_head else 1, lq, lk, 8, 16)
   lay = fa_layout.make_layout(lq, lk, 8, 16, causal=causal, window=None, dense_mask=dense)
   assert lay.has_dense_partial and 0 < lay.density < 1
-  q, k, v, do = _inputs(5, 1, lq, lk, h, 1, 32, jnp.float32)
+  q, k, v, do = attention_inputs(5, 1, lq, lk, h, 1, 32, jnp.float32)
   block_mask = fa_layout.dense_layout(dense, 8, 16)   # what mask.block_layout() returns
   _compare_tpu(q, k, v, do, block_sizes=BlockSizes(8, 16), causal=causal, dense_mask=dense,
                block_mask=block_mask, logit_soft_cap=6.0)
@@ -225,7 +197,7 @@ def test_tpu_kernel_block_sparse(per_head, causal):
 
 def test_tpu_kernel_empty_rows_and_blocks():
   """Rows that see no key output 0 with finite gradients; empty tiles are skipped."""
-  q, k, v, do = _inputs(7, 2, 24, 24, 2, 2, 32, jnp.float32)
+  q, k, v, do = attention_inputs(7, 2, 24, 24, 2, 2, 32, jnp.float32)
   seg_q = jnp.array([[1] * 24, [1] * 8 + [2] * 16], jnp.int32)
   seg_k = jnp.array([[1] * 24, [1] * 8 + [3] * 16], jnp.int32)
   dense = np.zeros((1, 24, 24), bool)
@@ -251,16 +223,16 @@ def test_tpu_kernel_empty_rows_and_blocks():
 ])
 def test_gpu_kernel_forward(case):
   c = dict(window=None, cap=None, seg=False) | case
-  q, k, v, _ = _inputs(11, c["b"], c["lq"], c["lk"], c["h"], c["hkv"], 64, jnp.bfloat16)
+  q, k, v, _ = attention_inputs(11, c["b"], c["lq"], c["lk"], c["h"], c["hkv"], 64, jnp.bfloat16)
   seg = None
   if c["seg"]:
-    seg = (_segments(1, c["b"], c["lq"], 2), _segments(2, c["b"], c["lk"], 2))
+    seg = (segments(1, c["b"], c["lq"], 2), segments(2, c["b"], c["lk"], 2))
   kw = dict(causal=c["causal"], window=c["window"], logit_soft_cap=c["cap"], segment_ids=seg)
   with plgpu.force_gpu_interpret_mode(GPU_INTERPRET):
     o, lse = fa_gpu.flash_attention_gpu(q, k, v, block_sizes=BlockSizes(c["bq"], c["bk"]),
                                         return_lse=True, **kw)
   ro, rlse = attention_reference(q, k, v, return_lse=True, **kw)
-  _check_close("o", o, ro, 2e-2)
+  check_close("o", o, ro, 2e-2)
   finite = np.isfinite(np.asarray(rlse))
   np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
   np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(rlse)[finite], atol=2e-3)
@@ -272,7 +244,7 @@ def test_gpu_kernel_block_sparse_and_grad():
   dense = _random_dense_mask(9, h, lq, lk, 64, 64)
   dense = np.repeat(np.repeat(dense[:, ::64, ::64], 64, 1), 64, 2)[:, :lq, :lk]  # aligned
   dense[:, :, :64] = True    # every row sees the first key tile
-  q, k, v, do = _inputs(13, 1, lq, lk, h, 1, 64, jnp.bfloat16)
+  q, k, v, do = attention_inputs(13, 1, lq, lk, h, 1, 64, jnp.bfloat16)
   bs = BlockSizes(64, 64)
   assert fa.fallback_reason(q, k, causal=False, dense_mask=dense, block_sizes=bs,
                             impl="pallas", backend="gpu") is None
@@ -283,9 +255,9 @@ def test_gpu_kernel_block_sparse_and_grad():
     grads = vjp(do)
   ref = functools.partial(attention_reference, causal=False, dense_mask=dense)
   ro, rvjp = jax.vjp(ref, q, k, v)
-  _check_close("o", o, ro, 2e-2)
+  check_close("o", o, ro, 2e-2)
   for name, g, r in zip(("dq", "dk", "dv"), grads, rvjp(do)):
-    _check_close(name, g, r, 2e-2)   # Mosaic GPU backward kernels (bf16 P and dS)
+    check_close(name, g, r, 2e-2)   # Mosaic GPU backward kernels (bf16 P and dS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,15 +266,15 @@ def test_gpu_kernel_block_sparse_and_grad():
 
 
 def test_entry_point_dispatch():
-  q, k, v, _ = _inputs(17, 1, 20, 20, 2, 1, 32, jnp.float32)
+  q, k, v, _ = attention_inputs(17, 1, 20, 20, 2, 1, 32, jnp.float32)
   want = attention_reference(q, k, v, causal=True, window=5)
   for impl in ("auto", "xla"):
     got = fa.flash_attention(q, k, v, window=5, impl=impl)
-    _check_close(impl, got, want, 1e-6)
+    check_close(impl, got, want, 1e-6)
   with pltpu.force_tpu_interpret_mode(TPU_INTERPRET):
     got = fa.flash_attention(q, k, v, window=5, impl="pallas",
                              block_sizes=BlockSizes(8, 8))
-  _check_close("pallas-tpu", got, want, 1e-5)
+  check_close("pallas-tpu", got, want, 1e-5)
   assert fa.resolve("auto") == ("xla", False)            # this suite runs on CPU
   assert fa.resolve("pallas", "gpu") == ("gpu", True)
   with pytest.raises(ValueError, match="impl"):
@@ -315,4 +287,4 @@ def test_entry_point_dispatch():
   assert "dtype" in fa.fallback_reason(q, k, impl="pallas", backend="gpu")
   with pytest.warns(UserWarning, match="does not apply"):
     got = fa.flash_attention(q, k, v, window=5, impl="pallas", backend="gpu")
-  _check_close("gpu-fallback", got, want, 1e-6)
+  check_close("gpu-fallback", got, want, 1e-6)

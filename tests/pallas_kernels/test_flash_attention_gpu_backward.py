@@ -25,35 +25,9 @@ from effx.pallas_kernels.flash_attention import gpu_backward as fa_bwd
 from effx.pallas_kernels.flash_attention import layout as fa_layout
 from effx.pallas_kernels.flash_attention.config import BlockSizes
 from effx.pallas_kernels.flash_attention.reference import attention_reference
+from _helpers import GPU_INTERPRET, SETTINGS, attention_inputs, check_close, segments
 
-GPU_INTERPRET = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
 GTOL = {jnp.bfloat16: 2e-2, jnp.float16: 1e-2}
-SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, database=None,
-                phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate),
-                suppress_health_check=list(hypothesis.HealthCheck))
-
-
-def _inputs(seed, b, lq, lk, h, hkv, d, dtype):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (b, lq, h, d), jnp.float32).astype(dtype)
-  k = jax.random.normal(ks[1], (b, lk, hkv, d), jnp.float32).astype(dtype)
-  v = jax.random.normal(ks[2], (b, lk, hkv, d), jnp.float32).astype(dtype)
-  do = jax.random.normal(ks[3], (b, lq, h, d), jnp.float32).astype(dtype)
-  return q, k, v, do
-
-
-def _segments(seed, b, length, num):
-  """Random packed-document ids (sorted; 0 = padding allowed)."""
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(np.sort(rng.integers(0, num + 1, size=(b, length)), axis=1), jnp.int32)
-
-
-def _check_close(name, got, want, atol):
-  got = np.asarray(jnp.asarray(got, jnp.float32))
-  want = np.asarray(jnp.asarray(want, jnp.float32))
-  assert np.isfinite(got).all(), f"{name}: non-finite values"
-  err = np.abs(got - want).max() if got.size else 0.0
-  assert err <= atol * max(1.0, np.abs(want).max()), f"{name}: max err {err} > {atol}"
 
 
 def _compare(q, k, v, do, *, block_sizes, expect_kernel=True, tol=None, entry=False, **kw):
@@ -74,7 +48,7 @@ def _compare(q, k, v, do, *, block_sizes, expect_kernel=True, tol=None, entry=Fa
   tol = tol or GTOL[jnp.dtype(q.dtype).type]
   for name, g, r in zip(("dq", "dk", "dv"), grads, rvjp(do)):
     assert g.shape == r.shape and g.dtype == r.dtype, name
-    _check_close(name, g, r, tol)
+    check_close(name, g, r, tol)
   return grads
 
 
@@ -129,7 +103,7 @@ def test_backward_reasons():
 
 def test_causal_bf16_through_entry_point():
   """``flash_attention(impl="pallas", backend="gpu")`` differentiates through the kernels."""
-  q, k, v, do = _inputs(0, 1, 128, 128, 2, 2, 64, jnp.bfloat16)
+  q, k, v, do = attention_inputs(0, 1, 128, 128, 2, 2, 64, jnp.bfloat16)
   grads = _compare(q, k, v, do, block_sizes=BlockSizes(64, 64), causal=True, entry=True)
   _, rvjp = jax.vjp(functools.partial(attention_reference, causal=True), q, k, v)
   # Not the reference gradient itself (that one would match to ~1e-7).
@@ -139,21 +113,21 @@ def test_causal_bf16_through_entry_point():
 
 def test_causal_f16_ragged_two_warpgroups():
   """Lengths that are not tile multiples; 128-row CTAs (two compute warpgroups) in both."""
-  q, k, v, do = _inputs(1, 1, 100, 100, 1, 1, 64, jnp.float16)
+  q, k, v, do = attention_inputs(1, 1, 100, 100, 1, 1, 64, jnp.float16)
   _compare(q, k, v, do, block_sizes=BlockSizes(128, 128), causal=True)
 
 
 def test_window_segments_soft_cap_mqa():
   lq, lk = 130, 190
-  q, k, v, do = _inputs(2, 1, lq, lk, 2, 1, 64, jnp.bfloat16)
-  seg = (_segments(3, 1, lq, 3), _segments(4, 1, lk, 3))
+  q, k, v, do = attention_inputs(2, 1, lq, lk, 2, 1, 64, jnp.bfloat16)
+  seg = (segments(3, 1, lq, 3), segments(4, 1, lk, 3))
   _compare(q, k, v, do, block_sizes=BlockSizes(64, 128), causal=True, window=50,
            logit_soft_cap=3.0, segment_ids=seg)
 
 
 @pytest.mark.slow
 def test_gqa_non_causal_ragged():
-  q, k, v, do = _inputs(5, 1, 150, 200, 4, 2, 64, jnp.bfloat16)
+  q, k, v, do = attention_inputs(5, 1, 150, 200, 4, 2, 64, jnp.bfloat16)
   _compare(q, k, v, do, block_sizes=BlockSizes(128, 128), causal=False)
 
 
@@ -168,7 +142,7 @@ def test_block_sparse_per_head_with_empty_rows():
   dense = np.repeat(np.repeat(tiles, 64, 1), 64, 2)
   seg_q = jnp.asarray(np.r_[np.ones(100), np.full(28, 3)][None], jnp.int32)
   seg_k = jnp.asarray(np.r_[np.ones(150), np.full(42, 2)][None], jnp.int32)
-  q, k, v, do = _inputs(6, 1, lq, lk, h, 1, 64, jnp.bfloat16)
+  q, k, v, do = attention_inputs(6, 1, lq, lk, h, 1, 64, jnp.bfloat16)
   dq, dk, dv = _compare(q, k, v, do, block_sizes=BlockSizes(64, 64), causal=False,
                         dense_mask=dense, segment_ids=(seg_q, seg_k))
   assert float(jnp.abs(dq[0, 100:]).max()) == 0.0
@@ -180,7 +154,7 @@ def test_misaligned_dense_mask_keeps_reference_gradient():
   """Aligned for the forward (64 x 64) but not for the dQ tiling (128 x 64): exact XLA grad."""
   dense = np.kron(np.eye(2, dtype=bool), np.ones((64, 64), bool))[None]
   dense[:, :, :64] = True
-  q, k, v, do = _inputs(8, 1, 128, 128, 1, 1, 64, jnp.bfloat16)
+  q, k, v, do = attention_inputs(8, 1, 128, 128, 1, 1, 64, jnp.bfloat16)
   _compare(q, k, v, do, block_sizes=BlockSizes(64, 64, block_q_bwd=128), causal=False,
            dense_mask=dense, expect_kernel=False, tol=1e-6)
 
@@ -193,8 +167,8 @@ def test_misaligned_dense_mask_keeps_reference_gradient():
                   blocks=st.sampled_from([(64, 64), (128, 64), (64, 128)]),
                   seed=st.integers(0, 99))
 def test_random_configs(lq, lk, hkv, causal, window, cap, seg, blocks, seed):
-  q, k, v, do = _inputs(seed, 1, lq, lk, 2, hkv, 64, jnp.bfloat16)
-  segment_ids = (_segments(seed, 1, lq, 2), _segments(seed + 1, 1, lk, 2)) if seg else None
+  q, k, v, do = attention_inputs(seed, 1, lq, lk, 2, hkv, 64, jnp.bfloat16)
+  segment_ids = (segments(seed, 1, lq, 2), segments(seed + 1, 1, lk, 2)) if seg else None
   _compare(q, k, v, do, block_sizes=BlockSizes(64, 64, block_q_bwd=blocks[0],
                                                 block_k_bwd=blocks[1]),
            causal=causal, window=window, logit_soft_cap=cap, segment_ids=segment_ids)

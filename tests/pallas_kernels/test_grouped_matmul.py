@@ -20,35 +20,14 @@ from jax.experimental.pallas import tpu as pltpu
 from effx.pallas_kernels import grouped_matmul as gm
 from effx.pallas_kernels.grouped_matmul import tpu as gm_tpu
 from effx.pallas_kernels.grouped_matmul.config import BlockSizes
+from _helpers import SETTINGS, TPU_INTERPRET, check_close, gmm_inputs
 
-TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
-# No shrinking: every example runs interpreted kernels.
-SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, database=None,
-                phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate),
-                suppress_health_check=list(hypothesis.HealthCheck))
-
-
-def _inputs(seed, m, k, n, g, dtype):
-  ks = jax.random.split(jax.random.key(seed), 3)
-  lhs = jax.random.normal(ks[0], (m, k), jnp.float32).astype(dtype)
-  rhs = jax.random.normal(ks[1], (g, k, n), jnp.float32).astype(dtype)
-  dout = jax.random.normal(ks[2], (m, n), jnp.float32).astype(dtype)
-  return lhs, rhs, dout
-
-
-def _check_close(name, got, want, atol):
-  got = np.asarray(jnp.asarray(got, jnp.float32))
-  want = np.asarray(jnp.asarray(want, jnp.float32))
-  assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-  assert np.isfinite(got).all(), f"{name}: non-finite values"
-  err = np.abs(got - want).max() if got.size else 0.0
-  assert err <= atol * max(1.0, np.abs(want).max()), f"{name}: max err {err} > {atol}"
 
 
 def _compare(sizes, m, k, n, dtype, block_sizes, seed=0, grads=True):
   gs = jnp.asarray(sizes, jnp.int32)
-  lhs, rhs, dout = _inputs(seed, m, k, n, len(sizes), dtype)
+  lhs, rhs, dout = gmm_inputs(seed, m, k, n, len(sizes), dtype)
   tol = TOL[jnp.dtype(dtype).type]
 
   def ker(x, w):
@@ -65,16 +44,16 @@ def _compare(sizes, m, k, n, dtype, block_sizes, seed=0, grads=True):
       out = ker(lhs, rhs)
   r_out, r_vjp = jax.vjp(ref, lhs, rhs)
   assert out.dtype == dtype
-  _check_close("out", out, r_out, tol)
+  check_close("out", out, r_out, tol)
   total = int(np.sum(sizes))
   assert float(jnp.abs(out[total:].astype(jnp.float32)).max(initial=0.0)) == 0.0
   if grads:
     r_dx, r_dw = r_vjp(dout)
     assert dx.dtype == lhs.dtype and dw.dtype == rhs.dtype
-    _check_close("d_lhs", dx, r_dx, tol)
-    _check_close("d_rhs", dw, r_dw, tol)
+    check_close("d_lhs", dx, r_dx, tol)
+    check_close("d_rhs", dw, r_dw, tol)
     # Independent check of d_rhs (the reference's own gradient is also ragged_dot's).
-    _check_close("d_rhs/segment", dw, gm.transposed_grouped_matmul_reference(
+    check_close("d_rhs/segment", dw, gm.transposed_grouped_matmul_reference(
         lhs, dout, gs, len(sizes)), tol)
     empty = np.asarray(sizes) == 0
     assert float(jnp.abs(dw[empty].astype(jnp.float32)).max(initial=0.0)) == 0.0
@@ -161,21 +140,21 @@ def test_tpu_kernel_edge_groups(sizes, m):
 
 def test_entry_point_dispatch():
   gs = jnp.array([3, 0, 6], jnp.int32)
-  lhs, rhs, _ = _inputs(3, 12, 16, 8, 3, jnp.float32)
+  lhs, rhs, _ = gmm_inputs(3, 12, 16, 8, 3, jnp.float32)
   want = jax.lax.ragged_dot(lhs, rhs, gs)
   for impl in ("auto", "xla"):
-    _check_close(impl, gm.grouped_matmul(lhs, rhs, gs, impl=impl), want, 1e-6)
+    check_close(impl, gm.grouped_matmul(lhs, rhs, gs, impl=impl), want, 1e-6)
   with pltpu.force_tpu_interpret_mode(TPU_INTERPRET):
     got = gm.grouped_matmul(lhs, rhs, gs, impl="pallas", block_sizes=BlockSizes(8, 8, 8),
                             preferred_element_type=jnp.bfloat16)
   assert got.dtype == jnp.bfloat16
-  _check_close("pallas", got, want, 1e-2)
+  check_close("pallas", got, want, 1e-2)
   assert gm.resolve("auto") == ("xla", False)          # this suite runs on CPU
   assert gm.resolve("pallas") == ("tpu", True)
   assert "dtype" in gm.fallback_reason("pallas", "gpu", lhs=lhs, rhs=rhs)
   with pytest.warns(UserWarning, match="ragged_dot"):
     got = gm.grouped_matmul(lhs, rhs, gs, impl="pallas", backend="gpu")
-  _check_close("gpu-fallback", got, want, 1e-6)
+  check_close("gpu-fallback", got, want, 1e-6)
   with pytest.raises(ValueError, match="impl"):
     gm.grouped_matmul(lhs, rhs, gs, impl="triton")
   with pytest.raises(ValueError, match="agree on K"):
@@ -210,7 +189,7 @@ def test_moe_dropless_pallas_matches_ragged_and_blocked():
     g_pallas, y_pallas = grad(x, wi, wo, "pallas")
   for impl in ("ragged", "blocked"):
     g_ref, y_ref = grad(x, wi, wo, impl)
-    _check_close(f"y vs {impl}", y_pallas, y_ref, 1e-5)
+    check_close(f"y vs {impl}", y_pallas, y_ref, 1e-5)
     for name, a, b in zip(("dx", "dwi", "dwo"), g_pallas, g_ref):
-      _check_close(f"{name} vs {impl}", a, b, 1e-5)
+      check_close(f"{name} vs {impl}", a, b, 1e-5)
   assert float(jnp.abs(y_pallas).max()) > 0

@@ -28,14 +28,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from effx.pallas_kernels import grouped_matmul as gm
 from effx.pallas_kernels.grouped_matmul import gpu as gm_gpu
 from effx.pallas_kernels.grouped_matmul.config import BlockSizes
+from _helpers import GPU_INTERPRET, SETTINGS, check_close, gmm_inputs
 
-GPU_INTERPRET = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
 TOL = {jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 SMALL = BlockSizes(64, 64, 64, num_stages=2)
-# No shrinking: every example runs interpreted kernels.
-SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, database=None,
-                phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate),
-                suppress_health_check=list(hypothesis.HealthCheck))
 
 
 def _races_found() -> bool:
@@ -43,26 +39,9 @@ def _races_found() -> bool:
   return bool(interpret_pallas_call.get_races().races_found)
 
 
-def _inputs(seed, m, k, n, g, dtype):
-  ks = jax.random.split(jax.random.key(seed), 3)
-  lhs = jax.random.normal(ks[0], (m, k), jnp.float32).astype(dtype)
-  rhs = jax.random.normal(ks[1], (g, k, n), jnp.float32).astype(dtype)
-  dout = jax.random.normal(ks[2], (m, n), jnp.float32).astype(dtype)
-  return lhs, rhs, dout
-
-
-def _check_close(name, got, want, atol):
-  got = np.asarray(jnp.asarray(got, jnp.float32))
-  want = np.asarray(jnp.asarray(want, jnp.float32))
-  assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-  assert np.isfinite(got).all(), f"{name}: non-finite values"
-  err = np.abs(got - want).max() if got.size else 0.0
-  assert err <= atol * max(1.0, np.abs(want).max()), f"{name}: max err {err} > {atol}"
-
-
 def _compare(sizes, m, k, n, dtype, block_sizes=SMALL, seed=0):
   gs = jnp.asarray(sizes, jnp.int32)
-  lhs, rhs, dout = _inputs(seed, m, k, n, len(sizes), dtype)
+  lhs, rhs, dout = gmm_inputs(seed, m, k, n, len(sizes), dtype)
   tol = TOL[jnp.dtype(dtype).type]
 
   def ker(x, w):
@@ -78,10 +57,10 @@ def _compare(sizes, m, k, n, dtype, block_sizes=SMALL, seed=0):
   r_out, r_vjp = jax.vjp(ref, lhs, rhs)
   r_dx, r_dw = r_vjp(dout)
   assert out.dtype == dx.dtype == dw.dtype == dtype
-  _check_close("out", out, r_out, tol)
-  _check_close("d_lhs", dx, r_dx, tol)
-  _check_close("d_rhs", dw, r_dw, tol)
-  _check_close("d_rhs/segment", dw, gm.transposed_grouped_matmul_reference(
+  check_close("out", out, r_out, tol)
+  check_close("d_lhs", dx, r_dx, tol)
+  check_close("d_rhs", dw, r_dw, tol)
+  check_close("d_rhs/segment", dw, gm.transposed_grouped_matmul_reference(
       lhs, dout, gs, len(sizes)), tol)
   total = int(np.sum(sizes))
   assert float(jnp.abs(out[total:].astype(jnp.float32)).max(initial=0.0)) == 0.0
@@ -192,7 +171,7 @@ def test_cuda_lowering_forward_and_backward(m, k, n, g, bs):
 
 def test_kernels_reject_unaligned_rows():
   gs = jnp.array([3, 4], jnp.int32)
-  lhs, rhs, dout = _inputs(0, 130, 64, 64, 2, jnp.bfloat16)
+  lhs, rhs, dout = gmm_inputs(0, 130, 64, 64, 2, jnp.bfloat16)
   sched = gm_gpu.make_schedule(gs, 130, 64)
   with pytest.raises(ValueError, match="M=130"):
     gm_gpu.gmm(lhs, rhs, sched, block_sizes=SMALL)
@@ -207,7 +186,7 @@ def test_kernels_reject_unaligned_rows():
 
 def test_entry_point_gpu_backend():
   gs = jnp.array([40, 0, 70], jnp.int32)
-  lhs, rhs, _ = _inputs(3, 130, 64, 128, 3, jnp.bfloat16)
+  lhs, rhs, _ = gmm_inputs(3, 130, 64, 128, 3, jnp.bfloat16)
   want = jax.lax.ragged_dot(lhs, rhs, gs, preferred_element_type=jnp.float32)
   assert gm.resolve("pallas", "gpu") == ("gpu", True)     # this suite runs on CPU
   assert gm.resolve("auto") == ("xla", False)
@@ -216,13 +195,13 @@ def test_entry_point_gpu_backend():
     got = gm.grouped_matmul(lhs, rhs, gs, impl="pallas", backend="gpu",
                             preferred_element_type=jnp.float32)
   assert got.dtype == jnp.float32
-  _check_close("pallas/gpu", got, want, 1e-5)
+  check_close("pallas/gpu", got, want, 1e-5)
   # float32 is not a Mosaic GPU dtype: documented fallback, with a warning under "pallas".
   x32, w32 = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
   assert "dtype" in gm.fallback_reason("pallas", "gpu", lhs=x32, rhs=w32)
   with pytest.warns(UserWarning, match="ragged_dot"):
     got = gm.grouped_matmul(x32, w32, gs, impl="pallas", backend="gpu")
-  _check_close("gpu-fallback", got, jax.lax.ragged_dot(x32, w32, gs), 1e-6)
+  check_close("gpu-fallback", got, jax.lax.ragged_dot(x32, w32, gs), 1e-6)
   assert "K=" in gm.fallback_reason("pallas", "gpu", lhs=lhs[:, :40], rhs=rhs[:, :40])
   assert "block_k" in gm_gpu.supported(lhs, rhs, block_sizes=BlockSizes(64, 32, 64))
   with pytest.raises(ValueError, match="does not support"):

@@ -25,12 +25,9 @@ from effx.attention import linear as la
 from effx.pallas_kernels import linear_attention as lak
 from effx.pallas_kernels.linear_attention import tpu as lak_tpu
 from effx.pallas_kernels.linear_attention.config import BlockSizes
+from _helpers import SETTINGS, TPU_INTERPRET, check_close
 
-TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
 TOL = {jnp.float32: (1e-5, 5e-5), jnp.bfloat16: (3e-2, 6e-2)}
-SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, database=None,
-                phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate),
-                suppress_health_check=list(hypothesis.HealthCheck))
 
 
 def _inputs(seed, b, t, h, dk, dv, kind, dtype=jnp.float32, gate_scale=2.0):
@@ -57,15 +54,6 @@ def _segments(seed, b, t):
   ids = np.sort(rng.integers(0, 4, size=(b, t)), axis=1)
   ids[:, t // 2:] = ids[:, t // 2:] % 2   # e.g. ... 3 3 1 1 0: repeats start new documents
   return jnp.asarray(ids, jnp.int32)
-
-
-def _check_close(name, got, want, atol):
-  got = np.asarray(jnp.asarray(got, jnp.float32))
-  want = np.asarray(jnp.asarray(want, jnp.float32))
-  assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-  assert np.isfinite(got).all(), f"{name}: non-finite values"
-  err = np.abs(got - want).max() if got.size else 0.0
-  assert err <= atol * max(1.0, np.abs(want).max()), f"{name}: max err {err} > {atol}"
 
 
 def _vjp_all(fn, q, k, v, g, s0, dy, ds):
@@ -106,8 +94,8 @@ def _compare(q, k, v, g, s0, dy, ds, seg, *, chunk, sub, with_seg=False, with_s0
     y, s, grads = _kernel_run(q, k, v, g, s0, dy, ds, seg, sub=sub, **kw)
   ry, rs, rgrads = _xla_run(q, k, v, g, s0, dy, ds, seg, **kw)
   assert y.dtype == v.dtype and s.dtype == jnp.float32
-  _check_close("y", y, ry, atol)
-  _check_close("state", s, rs, atol)
+  check_close("y", y, ry, atol)
+  check_close("state", s, rs, atol)
   names = ("dq", "dk", "dv", "dlog_decay", "ds0")
   for name, got, want in zip(names, grads, rgrads):
     if want is None:
@@ -116,7 +104,7 @@ def _compare(q, k, v, g, s0, dy, ds, seg, *, chunk, sub, with_seg=False, with_s0
     if name == "ds0" and not with_s0:
       continue
     assert got.dtype == want.dtype, name
-    _check_close(name, got, want, gtol)
+    check_close(name, got, want, gtol)
   return y, grads
 
 
@@ -155,9 +143,9 @@ def test_reference_matches_attention_linear(kind):
         if isinstance(name, tuple):
           for n, aa, rr in zip(name, a, r):
             if rr is not None:
-              _check_close(n, aa, rr, 5e-5)
+              check_close(n, aa, rr, 5e-5)
         else:
-          _check_close(name, a, r, 1e-5)
+          check_close(name, a, r, 1e-5)
 
 
 def test_decay_kind_and_input_errors():
@@ -258,15 +246,15 @@ def test_entry_point_dispatch():
   for impl in ("auto", "xla"):
     got = jax.jit(functools.partial(lak.linear_attention, block_sizes=bs, impl=impl))(
         q, k, v, log_decay=g, initial_state=s0)
-    _check_close(impl, got[0], want[0], 1e-5)
+    check_close(impl, got[0], want[0], 1e-5)
   assert lak.resolve("auto") == ("xla", False)        # this suite runs on CPU
   assert lak.resolve("pallas") == ("tpu", True)
   assert lak.fallback_reason("pallas") is None         # (on a GPU: the XLA fallback)
   with pltpu.force_tpu_interpret_mode(TPU_INTERPRET):
     got = jax.jit(functools.partial(lak.linear_attention, block_sizes=bs, impl="pallas"))(
         q, k, v, log_decay=g, initial_state=s0)
-  _check_close("pallas", got[0], want[0], 1e-5)
-  _check_close("pallas state", got[1], want[1], 1e-5)
+  check_close("pallas", got[0], want[0], 1e-5)
+  check_close("pallas state", got[1], want[1], 1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,9 +284,9 @@ def test_module_pallas_equals_xla(feature_map, decay, denominator):
   (_, yx), gx = run(mx)
   with pltpu.force_tpu_interpret_mode(TPU_INTERPRET):
     (_, yp), gp = run(mp)
-  _check_close("y", yp, yx, 1e-5)
+  check_close("y", yp, yx, 1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gp), jax.tree.leaves(gx)):
-    _check_close(jax.tree_util.keystr(path), a, b, 5e-5)
+    check_close(jax.tree_util.keystr(path), a, b, 5e-5)
   if decay == "gla":   # the gates' gradient goes through the kernel's dlog_decay
     assert float(jnp.abs(jax.tree.leaves(gp[0]["gate_up"])[0]).max()) > 0
 

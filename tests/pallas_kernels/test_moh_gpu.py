@@ -22,47 +22,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from effx.pallas_kernels import moh_attention as mk
 from effx.pallas_kernels.moh_attention import gpu as mk_gpu
 from effx.pallas_kernels.moh_attention.config import BlockSizes
+from _helpers import GPU_INTERPRET, SETTINGS, check_close, moh_inputs, segments, value_and_vjp
 
-GPU_INTERPRET = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
 ATOL, GTOL = 2e-2, 6e-2
-# No shrinking: every example runs interpreted kernels, so a shrink would take minutes.
-SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, database=None,
-                phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate),
-                suppress_health_check=list(hypothesis.HealthCheck))
-
-
-def _inputs(seed, b, t, h, hkv, d, block_q, density):
-  """bf16 q, k, v, dy; gates (0 outside a random activity map, some zeros inside); active."""
-  ks = jax.random.split(jax.random.key(seed), 7)
-  q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32).astype(jnp.bfloat16)
-  k = jax.random.normal(ks[1], (b, t, hkv, d), jnp.float32).astype(jnp.bfloat16)
-  v = jax.random.normal(ks[2], (b, t, hkv, d), jnp.float32).astype(jnp.bfloat16)
-  nq = -(-t // block_q)
-  active = jax.random.bernoulli(ks[3], density, (b, nq, h))
-  tok = jnp.repeat(active, block_q, axis=1)[:, :t] & jax.random.bernoulli(ks[4], 0.7, (b, t, h))
-  gates = jnp.where(tok, jax.random.uniform(ks[5], (b, t, h), minval=0.2, maxval=2.0), 0.0)
-  dy = jax.random.normal(ks[6], (b, t, h, d), jnp.float32).astype(jnp.bfloat16)
-  return q, k, v, gates, active, dy
-
-
-def _segments(seed, b, length, num=2):
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(np.sort(rng.integers(0, num + 1, size=(b, length)), axis=1), jnp.int32)
-
-
-def _check_close(name, got, want, atol):
-  got = np.asarray(jnp.asarray(got, jnp.float32))
-  want = np.asarray(jnp.asarray(want, jnp.float32))
-  assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-  assert np.isfinite(got).all(), f"{name}: non-finite values"
-  err = np.abs(got - want).max() if got.size else 0.0
-  assert err <= atol * max(1.0, np.abs(want).max()), f"{name}: max err {err} > {atol}"
-
-
-@functools.partial(jax.jit, static_argnames=("fn",))
-def _value_and_vjp(fn, q, k, v, gates, dy):
-  y, vjp = jax.vjp(fn, q, k, v, gates)
-  return y, vjp(dy)
+_inputs = functools.partial(moh_inputs, dtype=jnp.bfloat16)   # the kernels take bf16/f16
 
 
 def _compare(q, k, v, gates, active, dy, *, block_sizes, segment_ids=None, cap=None,
@@ -73,16 +36,16 @@ def _compare(q, k, v, gates, active, dy, *, block_sizes, segment_ids=None, cap=N
   if not grads:
     with plgpu.force_gpu_interpret_mode(GPU_INTERPRET):
       y = jax.jit(ker)(q, k, v, gates)
-    _check_close("y", y, ref(q, k, v, gates), ATOL)
+    check_close("y", y, ref(q, k, v, gates), ATOL)
     return y
   with plgpu.force_gpu_interpret_mode(GPU_INTERPRET):
-    y, got = _value_and_vjp(ker, q, k, v, gates, dy)
-  ry, want = _value_and_vjp(ref, q, k, v, gates, dy)
+    y, got = value_and_vjp(ker, q, k, v, gates, dy)
+  ry, want = value_and_vjp(ref, q, k, v, gates, dy)
   assert y.dtype == q.dtype and y.shape == q.shape
-  _check_close("y", y, ry, ATOL)
+  check_close("y", y, ry, ATOL)
   for name, g, r in zip(("dq", "dk", "dv", "dgates"), got, want):
     assert g.shape == r.shape and g.dtype == r.dtype, name
-    _check_close(name, g, r, GTOL)
+    check_close(name, g, r, GTOL)
   return y
 
 
@@ -100,7 +63,7 @@ def test_forward_matches_reference(case):
   c = dict(seg=False, cap=None) | case
   q, k, v, gates, active, dy = _inputs(1, 1, c["t"], c["h"], c["hkv"], 64, c["bq"],
                                        c["density"])
-  seg = _segments(2, 1, c["t"]) if c["seg"] else None
+  seg = segments(2, 1, c["t"]) if c["seg"] else None
   _compare(q, k, v, gates, active, dy, block_sizes=BlockSizes(c["bq"], c["bk"]),
            segment_ids=seg, cap=c["cap"], grads=False)
 
@@ -174,7 +137,7 @@ def test_gradients_match_reference(case):
   if c["none_b0"]:
     active = active.at[0].set(False)
     gates = gates.at[0].set(0.0)
-  seg = _segments(7, c["b"], c["t"]) if c["seg"] else None
+  seg = segments(7, c["b"], c["t"]) if c["seg"] else None
   _compare(q, k, v, gates, active, dy, block_sizes=BlockSizes(c["bq"], c["bk"]),
            segment_ids=seg, cap=c["cap"])
 
@@ -187,7 +150,7 @@ def test_gradients_match_reference(case):
 def test_gradients_random(t, hkv, bq, density, seg, seed):
   q, k, v, gates, active, dy = _inputs(seed, 1, t, 4, hkv, 64, bq, density)
   _compare(q, k, v, gates, active, dy, block_sizes=BlockSizes(bq, 64),
-           segment_ids=_segments(seed, 1, t) if seg else None)
+           segment_ids=segments(seed, 1, t) if seg else None)
 
 
 def test_gradients_skip_inactive_pairs():
@@ -198,14 +161,14 @@ def test_gradients_skip_inactive_pairs():
   bs = BlockSizes(64, 64)
   ker = functools.partial(mk_gpu.moh_attention_gpu, active=active, block_sizes=bs)
   with plgpu.force_gpu_interpret_mode(GPU_INTERPRET):
-    _, (dq, dk, dv, _) = _value_and_vjp(ker, q, k, v, ones, dy)
+    _, (dq, dk, dv, _) = value_and_vjp(ker, q, k, v, ones, dy)
   tok = np.repeat(np.asarray(active), 64, axis=1)
   assert np.abs(np.asarray(dq, np.float32)[~tok]).max() == 0.0
   ref = functools.partial(mk.moh_attention_reference, active=active, block_q=64)
   dy_active = jnp.where(jnp.asarray(tok)[..., None], dy, 0).astype(dy.dtype)
-  _, (_, rdk, rdv, _) = _value_and_vjp(ref, q, k, v, ones, dy_active)
-  _check_close("dk", dk, rdk, GTOL)
-  _check_close("dv", dv, rdv, GTOL)
+  _, (_, rdk, rdv, _) = value_and_vjp(ref, q, k, v, ones, dy_active)
+  check_close("dk", dk, rdk, GTOL)
+  check_close("dv", dv, rdv, GTOL)
 
 
 def test_head_dim_256_forward_kernel_xla_gradient():
@@ -228,13 +191,13 @@ def test_entry_point_dispatch_and_fallback():
   with plgpu.force_gpu_interpret_mode(GPU_INTERPRET):
     got = mk.moh_attention(q, k, v, gates, active=active, block_sizes=BlockSizes(64, 64),
                            impl="pallas", backend="gpu")
-  _check_close("pallas-gpu", got, want, ATOL)
+  check_close("pallas-gpu", got, want, ATOL)
   # f32 and odd head_dim / tiles are not Mosaic GPU inputs: XLA with a warning and a reason.
   q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
   assert "dtype" in mk.fallback_reason("pallas", "gpu", q=q32, k=k32)
   with pytest.warns(UserWarning, match="does not apply"):
     got = mk.moh_attention(q32, k32, v32, gates, impl="pallas", backend="gpu")
-  _check_close("f32-fallback", got, mk.moh_attention_reference(q32, k32, v32, gates), 1e-6)
+  check_close("f32-fallback", got, mk.moh_attention_reference(q32, k32, v32, gates), 1e-6)
   assert "head_dim" in mk.fallback_reason("pallas", "gpu", q=q[..., :48], k=k[..., :48])
   assert "block_q" in mk.fallback_reason("pallas", "gpu", q=q, block_sizes=BlockSizes(32, 64))
   big = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)

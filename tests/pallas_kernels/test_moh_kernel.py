@@ -25,46 +25,9 @@ from effx.pallas_kernels import moh_attention as mk
 from effx.pallas_kernels.flash_attention.reference import attention_reference
 from effx.pallas_kernels.moh_attention import tpu as mk_tpu
 from effx.pallas_kernels.moh_attention.config import BlockSizes
+from _helpers import SETTINGS, TPU_INTERPRET, check_close, moh_inputs, segments, value_and_vjp
 
-TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
 TOL = {jnp.float32: (1e-5, 5e-5), jnp.bfloat16: (2e-2, 6e-2)}
-SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, database=None,
-                phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate),
-                suppress_health_check=list(hypothesis.HealthCheck))
-
-
-def _inputs(seed, b, t, h, hkv, d, block_q, density, dtype=jnp.float32):
-  """q, k, v, gates (0 outside a random activity map; some zeros inside), active, dy."""
-  ks = jax.random.split(jax.random.key(seed), 7)
-  q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32).astype(dtype)
-  k = jax.random.normal(ks[1], (b, t, hkv, d), jnp.float32).astype(dtype)
-  v = jax.random.normal(ks[2], (b, t, hkv, d), jnp.float32).astype(dtype)
-  nq = -(-t // block_q)
-  active = jax.random.bernoulli(ks[3], density, (b, nq, h))
-  tok = jnp.repeat(active, block_q, axis=1)[:, :t] & jax.random.bernoulli(ks[4], 0.7, (b, t, h))
-  gates = jnp.where(tok, jax.random.uniform(ks[5], (b, t, h), minval=0.2, maxval=2.0), 0.0)
-  dy = jax.random.normal(ks[6], (b, t, h, d), jnp.float32).astype(dtype)
-  return q, k, v, gates, active, dy
-
-
-def _segments(seed, b, length, num=2):
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(np.sort(rng.integers(0, num + 1, size=(b, length)), axis=1), jnp.int32)
-
-
-def _check_close(name, got, want, atol):
-  got = np.asarray(jnp.asarray(got, jnp.float32))
-  want = np.asarray(jnp.asarray(want, jnp.float32))
-  assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-  assert np.isfinite(got).all(), f"{name}: non-finite values"
-  err = np.abs(got - want).max() if got.size else 0.0
-  assert err <= atol * max(1.0, np.abs(want).max()), f"{name}: max err {err} > {atol}"
-
-
-@functools.partial(jax.jit, static_argnames=("fn",))
-def _value_and_vjp(fn, q, k, v, gates, dy):
-  y, vjp = jax.vjp(fn, q, k, v, gates)
-  return y, vjp(dy)
 
 
 def _compare(q, k, v, gates, active, dy, *, block_sizes, segment_ids=None, cap=None,
@@ -74,13 +37,13 @@ def _compare(q, k, v, gates, active, dy, *, block_sizes, segment_ids=None, cap=N
   ref = functools.partial(mk.moh_attention_reference, block_q=block_sizes.block_q, **kw)
   atol, gtol = TOL[jnp.dtype(q.dtype).type]
   with pltpu.force_tpu_interpret_mode(TPU_INTERPRET):
-    y, grads = _value_and_vjp(ker, q if q_for_kernel is None else q_for_kernel, k, v, gates, dy)
-  ry, rgrads = _value_and_vjp(ref, q, k, v, gates, dy)
+    y, grads = value_and_vjp(ker, q if q_for_kernel is None else q_for_kernel, k, v, gates, dy)
+  ry, rgrads = value_and_vjp(ref, q, k, v, gates, dy)
   assert y.dtype == q.dtype and y.shape == q.shape
-  _check_close("y", y, ry, atol)
+  check_close("y", y, ry, atol)
   for name, g, r in zip(("dq", "dk", "dv", "dgates"), grads, rgrads):
     assert g.shape == r.shape and g.dtype == r.dtype, name
-    _check_close(name, g, r, gtol)
+    check_close(name, g, r, gtol)
   return y, grads
 
 
@@ -90,20 +53,20 @@ def _compare(q, k, v, gates, active, dy, *, block_sizes, segment_ids=None, cap=N
 
 
 def test_reference_is_dense_attention_times_gates():
-  q, k, v, gates, active, _ = _inputs(0, 2, 13, 4, 2, 16, 4, 0.5)
+  q, k, v, gates, active, _ = moh_inputs(0, 2, 13, 4, 2, 16, 4, 0.5)
   dense = attention_reference(q, k, v, causal=True)
   # With the activity map of the gates (what MoH routing gives): dense attention, then gates.
   assert (mk.activity_map(gates, 4) <= active).all()
   want = dense * gates[..., None]
-  _check_close("derived", mk.moh_attention_reference(q, k, v, gates, block_q=4), want, 1e-6)
-  _check_close("given", mk.moh_attention_reference(q, k, v, gates, active=active, block_q=4),
+  check_close("derived", mk.moh_attention_reference(q, k, v, gates, block_q=4), want, 1e-6)
+  check_close("given", mk.moh_attention_reference(q, k, v, gates, active=active, block_q=4),
                want, 1e-6)
   # Pairs outside the map output 0 whatever the gates.
   ones = jnp.ones_like(gates)
   got = mk.moh_attention_reference(q, k, v, ones, active=active, block_q=4)
   tok = np.repeat(np.asarray(active), 4, axis=1)[:, :13]
   assert float(jnp.abs(got)[~tok].max()) == 0.0
-  _check_close("inside", np.asarray(got)[tok], np.asarray(dense)[tok], 1e-6)
+  check_close("inside", np.asarray(got)[tok], np.asarray(dense)[tok], 1e-6)
 
 
 def test_activity_map_and_fetch_tables():
@@ -128,7 +91,7 @@ def test_block_sizes_and_errors():
     BlockSizes(block_q=12)
   assert BlockSizes.for_device("TPU v5 lite", 128).block_k % 128 == 0
   assert BlockSizes.for_device("cpu", 64) == BlockSizes()
-  q, k, v, gates, active, _ = _inputs(1, 1, 9, 2, 1, 8, 8, 1.0)
+  q, k, v, gates, active, _ = moh_inputs(1, 1, 9, 2, 1, 8, 8, 1.0)
   with pytest.raises(ValueError, match="active shape"):
     mk.moh_attention(q, k, v, gates, active=active[:, :, :1], block_sizes=BlockSizes(8, 8))
   with pytest.raises(ValueError, match="gates shape"):
@@ -153,16 +116,16 @@ _HEADS = st.sampled_from([(2, 2), (4, 2), (2, 1)])
 def test_kernel_f32(b, t, heads, density, seg, cap, blocks, seed):
   h, hkv = heads
   bs = BlockSizes(*blocks)
-  q, k, v, gates, active, dy = _inputs(seed, b, t, h, hkv, 32, bs.block_q, density)
+  q, k, v, gates, active, dy = moh_inputs(seed, b, t, h, hkv, 32, bs.block_q, density)
   _compare(q, k, v, gates, active, dy, block_sizes=bs, cap=cap,
-           segment_ids=_segments(seed, b, t) if seg else None)
+           segment_ids=segments(seed, b, t) if seg else None)
 
 
 @hypothesis.settings(max_examples=2, **SETTINGS)
 @hypothesis.given(t=st.integers(1, 40), heads=_HEADS, seed=st.integers(0, 2**16))
 def test_kernel_bf16(t, heads, seed):
   h, hkv = heads
-  q, k, v, gates, active, dy = _inputs(seed, 1, t, h, hkv, 64, 8, 0.5, jnp.bfloat16)
+  q, k, v, gates, active, dy = moh_inputs(seed, 1, t, h, hkv, 64, 8, 0.5, jnp.bfloat16)
   _compare(q, k, v, gates, active, dy, block_sizes=BlockSizes(8, 16))
 
 
@@ -170,12 +133,12 @@ def test_kernel_never_reads_skipped_pairs():
   """NaN queries in every inactive (block, head) pair: the kernels never touch them, so values
   and all gradients stay finite and equal the reference computed with clean queries."""
   bs = BlockSizes(8, 16)
-  q, k, v, gates, active, dy = _inputs(3, 1, 37, 4, 2, 32, 8, 0.4)
+  q, k, v, gates, active, dy = moh_inputs(3, 1, 37, 4, 2, 32, 8, 0.4)
   assert 0 < float(active.mean()) < 1
   inactive = ~jnp.repeat(active, 8, axis=1)[:, :37]
   q_nan = jnp.where(inactive[..., None], jnp.nan, q)
   y, grads = _compare(q, k, v, gates, active, dy, block_sizes=bs,
-                      segment_ids=_segments(4, 1, 37), q_for_kernel=q_nan)
+                      segment_ids=segments(4, 1, 37), q_for_kernel=q_nan)
   assert float(jnp.abs(y)[inactive].max()) == 0.0
   assert float(jnp.abs(grads[0])[inactive].max()) == 0.0     # dq
   assert float(jnp.abs(grads[3])[inactive].max()) == 0.0     # dgates
@@ -183,18 +146,18 @@ def test_kernel_never_reads_skipped_pairs():
 
 def test_entry_point_dispatch():
   bs = BlockSizes(8, 8)
-  q, k, v, gates, active, _ = _inputs(5, 1, 20, 2, 1, 16, 8, 0.5)
+  q, k, v, gates, active, _ = moh_inputs(5, 1, 20, 2, 1, 16, 8, 0.5)
   want = mk.moh_attention_reference(q, k, v, gates, active=active, block_q=8)
   for impl in ("auto", "xla"):
     got = mk.moh_attention(q, k, v, gates, active=active, block_sizes=bs, impl=impl)
-    _check_close(impl, got, want, 1e-6)
+    check_close(impl, got, want, 1e-6)
   assert mk.resolve("auto") == ("xla", False)       # this suite runs on CPU
   assert mk.resolve("pallas") == ("tpu", True)
   assert mk.fallback_reason("pallas") is None
   with pltpu.force_tpu_interpret_mode(TPU_INTERPRET):
     got = jax.jit(functools.partial(mk.moh_attention, block_sizes=bs, impl="pallas"))(
         q, k, v, gates, active=active)
-  _check_close("pallas", got, want, 1e-5)
+  check_close("pallas", got, want, 1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,12 +188,12 @@ def test_module_pallas_equals_xla_and_head_sparse():
   with pltpu.force_tpu_interpret_mode(TPU_INTERPRET):
     (_, y_ker), g_ker = run(modules["pallas"])
   (_, y_hs), g_hs = run(modules["head_sparse"])
-  _check_close("y", y_ker, y_ref, 1e-5)
-  _check_close("y head_sparse", y_ker, y_hs, 1e-5)
+  check_close("y", y_ker, y_ref, 1e-5)
+  check_close("y head_sparse", y_ker, y_hs, 1e-5)
   for (path, a), r, s in zip(jax.tree_util.tree_leaves_with_path(g_ker), jax.tree.leaves(g_ref),
                              jax.tree.leaves(g_hs)):
-    _check_close(jax.tree_util.keystr(path), a, r, 5e-5)
-    _check_close(jax.tree_util.keystr(path) + " (head_sparse)", a, s, 5e-5)
+    check_close(jax.tree_util.keystr(path), a, r, 5e-5)
+    check_close(jax.tree_util.keystr(path) + " (head_sparse)", a, s, 5e-5)
   # 1 shared + top-1 of 3 routed heads: the kernel really skipped some (block, head) pairs.
   routing = route_heads(x, None, params["router_routed"], params["router_groups"], top_k=1,
                         num_shared=1)
