@@ -82,12 +82,6 @@ def supported(q, k, *, block_sizes: BlockSizes, layout: layout_lib.KernelLayout 
   return None
 
 
-def _smem_bytes(st: _Static, d: int, itemsize: int) -> int:
-  w = st.compute_wgs
-  return (w * WG_ROWS * d * itemsize + 2 * st.num_stages * st.block_k * d * itemsize
-          + w * WG_ROWS * 4 + (st.num_stages * st.block_k * 4 + w * WG_ROWS * 4) * st.has_seg)
-
-
 def _fwd_call(q, k, v, qseg, kvseg, lists: layout_lib.BlockLists, st: _Static, interpret,
               p_via_smem: bool | None = None):
   """q ``[B, Lq_p, H, D]``, k/v ``[B, Lk_p, Hkv, D]`` (padded) -> (o, lse ``[B, H, Lq_p]``).
