@@ -219,13 +219,29 @@ def test_loop_keeps_the_target_distribution(name, sampling, acceptance, expect_l
 # ---- drafts at every depth = the heads' teacher-forced predictions ----------------------------
 
 def teacher_forced_logits(proposer, params, model, variables, seqs: np.ndarray) -> np.ndarray:
-  """Head logits [rows, L, K, V] teacher-forced (as in training) on token rows [rows, L]."""
-  seqs = jnp.asarray(seqs, jnp.int32)
-  positions = jnp.broadcast_to(jnp.arange(seqs.shape[1], dtype=jnp.int32), seqs.shape)
-  batch = dict(inputs=seqs, positions=positions, segment_ids=jnp.ones_like(seqs))
-  base_out = model.apply(variables, seqs, positions, batch["segment_ids"])
-  return np.asarray(head_outputs(proposer.heads, params, params.get("embedding"), batch,
-                                 base_out))
+  """Head logits [rows, L, K, V] teacher-forced (as in training) on token rows [rows, L].
+
+  Rows are zero-padded to TF_WIDTH columns (causal: the padding changes no position <= L-1),
+  so every call shares one compiled function per (proposer, model)."""
+  rows, length = seqs.shape
+  padded = np.zeros((rows, TF_WIDTH), np.int32)
+  padded[:, :length] = seqs
+  return np.asarray(_teacher_forced_fn(proposer, model)(params, variables,
+                                                        jnp.asarray(padded)))[:, :length]
+
+
+TF_WIDTH = 48
+
+
+@functools.lru_cache(maxsize=None)
+def _teacher_forced_fn(proposer, model):
+  @jax.jit
+  def run(params, variables, seqs):
+    positions = jnp.broadcast_to(jnp.arange(seqs.shape[1], dtype=jnp.int32), seqs.shape)
+    batch = dict(inputs=seqs, positions=positions, segment_ids=jnp.ones_like(seqs))
+    base_out = model.apply(variables, seqs, positions, batch["segment_ids"])
+    return head_outputs(proposer.heads, params, params.get("embedding"), batch, base_out)
+  return run
 
 
 def small_vocab_setup(name: str):
