@@ -315,9 +315,12 @@ def run(cfg: fdl.Config, workdir: str, mode: str) -> dict:
 
 def format_speculative(rows: list[dict]) -> str:
   """A small table of the speculative-decoding measurements."""
-  lines = ["  method    batch  nodes   tau  speedup  tok/s (spec / plain)  greedy==plain"]
+  lines = ["  method    batch  nodes (depth)   tau  tau on a common chain  speedup  "
+           "tok/s (spec / plain)  greedy==plain"]
   for r in rows:
-    lines.append(f"  {r['method']:<9} {r['batch']:>5} {r['tree_nodes']:>6} {r['tau']:>5.2f} "
+    chain = f"{r['tau_chain']:.2f}" if "tau_chain" in r else "-"
+    nodes = f"{r['tree_nodes']} ({r['tree_depth']})" if "tree_depth" in r else f"{r['tree_nodes']}"
+    lines.append(f"  {r['method']:<9} {r['batch']:>5} {nodes:>13} {r['tau']:>5.2f} {chain:>22} "
                  f"{r['speedup']:>7.2f}x  {r['tokens_per_second']:>8.1f} / "
                  f"{r['plain_tokens_per_second']:<8.1f}    {r['outputs_match_plain']}")
   return "\n".join(lines)
