@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +79,7 @@ if ARGS.platform is not None:
   os.environ["JAX_PLATFORMS"] = {"gpu": "cuda", "cpu": "cpu", "tpu": "tpu"}[ARGS.platform]
 
 import jax  # noqa: E402
+from benchmarks._timing import seconds_per_call, table_row  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -198,26 +198,8 @@ def check(platform: str, quick: bool) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _time(fn, *args, rounds: int = 3, min_time: float = 0.05) -> float:
-  """Seconds per call: back-to-back calls, synchronised once per round; min over rounds."""
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  one = max(time.perf_counter() - t0, 1e-6)
-  n = max(1, min(50, int(min_time / one)))
-  best = float("inf")
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(n):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - t0) / n)
-  return best
-
-
-def _row(cells):
-  return "| " + " | ".join(str(c) for c in cells) + " |"
+def _time(fn, *args, rounds: int = 3) -> float:
+  return seconds_per_call(fn, *args, rounds=rounds, min_time=0.05, max_calls=50)
 
 
 def bench(platform: str, quick: bool) -> tuple[str, list[str]]:
@@ -233,7 +215,7 @@ def bench(platform: str, quick: bool) -> tuple[str, list[str]]:
     dtype, h, d, tokens = jnp.bfloat16, 16, 128, 16384
     seqs = (1024, 4096, 16384) if quick else (1024, 2048, 4096, 8192, 16384)
   header = ["seq", "batch", "causal", "density", "impl", "ms", "TFLOP/s", "% peak"]
-  rows = [_row(header), _row(["---"] * len(header))]
+  rows = [table_row(header), table_row(["---"] * len(header))]
 
   def record(seq, b, causal, density, impl, fn, args, flops):
     try:
@@ -244,7 +226,7 @@ def bench(platform: str, quick: bool) -> tuple[str, list[str]]:
     except Exception as e:  # noqa: BLE001 -- a baseline may not exist (e.g. cuDNN, OOM)
       msg = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
       cells = [seq, b, causal, f"{density:.0%}", impl, "n/a", "n/a", msg]
-    rows.append(_row(cells))
+    rows.append(table_row(cells))
     print(rows[-1], flush=True)
 
   ours = _kernel(platform) if platform != "cpu" else None
@@ -313,7 +295,8 @@ def bench_decode_gmm(platform: str) -> str:
   cpu = platform == "cpu"
   dtype = jnp.float32 if cpu else jnp.bfloat16
   impl = "xla" if cpu else "pallas"
-  rows = [_row(["op", "shape", "impl", "ms", "rate", "max err vs XLA"]), _row(["---"] * 6)]
+  rows = [table_row(["op", "shape", "impl", "ms", "rate", "max err vs XLA"]),
+          table_row(["---"] * 6)]
 
   def record(op, shape, name, fn, args, rate_fn, ref=None):
     try:
@@ -323,7 +306,7 @@ def bench_decode_gmm(platform: str) -> str:
       cells = [op, shape, name, f"{t * 1e3:.3f}", rate_fn(t), err]
     except Exception as e:  # noqa: BLE001 -- report and go on
       cells = [op, shape, name, "n/a", "n/a", f"{type(e).__name__}: {str(e)[:60]}"]
-    rows.append(_row(cells))
+    rows.append(table_row(cells))
     print(rows[-1], flush=True)
 
   b, h, hkv, d, max_len = (2, 8, 2, 64, 1024) if cpu else (8, 32, 8, 128, 8192)

@@ -37,6 +37,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
+from benchmarks._timing import seconds_per_call, table_row  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -138,32 +139,14 @@ def check(quick: bool) -> tuple[list[str], bool]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _time(fn, *args, rounds: int = 3, min_time: float = 0.05) -> float:
-  """Seconds per call: back-to-back calls, synchronised once per round; min over rounds."""
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  one = max(time.perf_counter() - t0, 1e-6)
-  n = max(1, min(50, int(min_time / one)))
-  best = float("inf")
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(n):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - t0) / n)
-  return best
-
-
-def _row(cells):
-  return "| " + " | ".join(str(c) for c in cells) + " |"
+def _time(fn, *args, rounds: int = 3) -> float:
+  return seconds_per_call(fn, *args, rounds=rounds, min_time=0.05, max_calls=50)
 
 
 def bench(quick: bool) -> list[str]:
   h, d, tokens = 16, 128, 16384
   header = ["seq", "batch", "causal", "impl", "pass", "ms", "TFLOP/s", "% peak"]
-  rows = [_row(header), _row(["---"] * len(header))]
+  rows = [table_row(header), table_row(["---"] * len(header))]
 
   def record(seq, b, causal, impl, what, fn, args, flops):
     try:
@@ -174,7 +157,7 @@ def bench(quick: bool) -> list[str]:
     except Exception as e:  # noqa: BLE001 -- a baseline may not exist (cuDNN, OOM)
       msg = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
       cells = [seq, b, causal, impl, what, "n/a", "n/a", msg]
-    rows.append(_row(cells))
+    rows.append(table_row(cells))
     print(rows[-1], flush=True)
 
   tiles = ((128, 64),) if quick else ((128, 64), (64, 64))

@@ -41,6 +41,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
+from benchmarks._timing import seconds_per_call  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -58,21 +59,8 @@ def _peak() -> float | None:
   return next((v for k, v in PEAK.items() if k in kind), None)
 
 
-def _time(fn, *args, rounds: int = 3, min_time: float = 0.02) -> float:
-  """Seconds per call: back-to-back calls, synchronised once per round; min over rounds."""
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  n = max(1, min(30, int(min_time / max(time.perf_counter() - t0, 1e-6))))
-  best = float("inf")
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(n):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - t0) / n)
-  return best
+def _time(fn, *args, rounds: int = 3) -> float:
+  return seconds_per_call(fn, *args, rounds=rounds, min_time=0.02, max_calls=30)
 
 
 def _sizes(m: int, e: int, skewed: bool) -> jax.Array:

@@ -30,7 +30,6 @@ import argparse
 import functools
 import os
 import sys
-import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +37,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
+from benchmarks._timing import seconds_per_call  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -137,22 +137,8 @@ def checks() -> tuple[list[str], bool]:
   return lines, all_ok
 
 
-def _time(fn, *args, rounds: int = 3, min_time: float = 0.05) -> float:
-  """Seconds per call: back-to-back calls, synchronised once per round; min over rounds."""
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  one = max(time.perf_counter() - t0, 1e-6)
-  n = max(1, min(20, int(min_time / one)))
-  best = float("inf")
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(n):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - t0) / n)
-  return best
+def _time(fn, *args, rounds: int = 3) -> float:
+  return seconds_per_call(fn, *args, rounds=rounds, min_time=0.05, max_calls=20)
 
 
 def _time_or_none(name, fn, *args) -> float | None:
