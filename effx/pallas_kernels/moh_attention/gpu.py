@@ -134,6 +134,31 @@ def _kv_blocks(qt, block_q: int, block_k: int):
 # ------------------------------------------------------------------------------------------------
 
 
+def _stream_kv(st: _Static, count, bk: int, bi, hi, src, ring, bars) -> None:
+  """The memory warpgroup of the forward and dQ kernels: streams the ``count`` causally
+  visible K/V tiles of ``bk`` keys (and their segment ids) of batch ``bi``, query head ``hi``
+  into the ``st.num_stages``-deep ring. ``src`` = (k, v, seg or None) GMEM refs, ``ring`` =
+  (k, v, seg) SMEM rings, ``bars`` = (k loaded, v loaded, seg loaded, k free, v free)."""
+  k_ref, v_ref, seg_ref = src
+  k_smem, v_smem, kvseg_smem = ring
+  k_bar, v_bar, seg_bar, k_used, v_used = bars
+  ns = st.num_stages
+  plgpu.set_max_registers(40, action="decrease")
+  kvh = lax.div(hi, jnp.int32(st.groups))
+
+  @pl.loop(0, count)
+  def _fetch(t):
+    slot = gc.ring_slot(t, ns)
+    rows = pl.ds(t * bk, bk)
+    gc.fetch_kv(t, ns, k_src=k_ref.at[bi, rows, kvh], k_dst=k_smem.at[slot],
+                k_loaded=k_bar.at[slot], k_free=k_used.at[slot],
+                v_src=v_ref.at[bi, rows, kvh], v_dst=v_smem.at[slot],
+                v_loaded=v_bar.at[slot], v_free=v_used.at[slot],
+                seg_src=seg_ref.at[bi, rows] if st.has_seg else None,
+                seg_dst=kvseg_smem.at[slot] if st.has_seg else None,
+                seg_loaded=seg_bar.at[slot] if st.has_seg else None)
+
+
 def _fwd_call(q, k, v, seg, act, st: _Static, interpret):
   """q ``[B, Tp, H, D]``, k/v ``[B, Tp, Hkv, D]``, act int32 ``[B, H, nq]`` ->
   (O ungated ``[B, Tp, H, D]`` like q, natural-log lse float32 ``[B, H, Tp]``)."""
@@ -190,22 +215,9 @@ def _fwd_call(q, k, v, seg, act, st: _Static, interpret):
                         o_dst=o_ref.at[bi, pl.ds(row0, WG_ROWS), hi],
                         lse_dst=lse_ref.at[bi, hi, pl.ds(row0, WG_ROWS)], empty_lse=jnp.inf)
 
-    @pl.when(wg == w)
-    def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-      kvh = lax.div(hi, jnp.int32(st.groups))
-
-      @pl.loop(0, count)
-      def _fetch(t):
-        slot = gc.ring_slot(t, ns)
-        rows = pl.ds(t * bk, bk)
-        gc.fetch_kv(t, ns, k_src=k_ref.at[bi, rows, kvh], k_dst=k_smem.at[slot],
-                    k_loaded=k_bar.at[slot], k_free=k_used.at[slot],
-                    v_src=v_ref.at[bi, rows, kvh], v_dst=v_smem.at[slot],
-                    v_loaded=v_bar.at[slot], v_free=v_used.at[slot],
-                    seg_src=seg_ref.at[bi, rows] if st.has_seg else None,
-                    seg_dst=kvseg_smem.at[slot] if st.has_seg else None,
-                    seg_loaded=seg_bar.at[slot] if st.has_seg else None)
+    pl.when(wg == w)(lambda: _stream_kv(
+        st, count, bk, bi, hi, (k_ref, v_ref, seg_ref), (k_smem, v_smem, kvseg_smem),
+        (k_bar, v_bar, seg_bar, k_used, v_used)))
 
   def entry(q_ref, k_ref, v_ref, act_ref, *rest):
     seg_ref, (o_ref, lse_ref) = (rest[0], rest[1:]) if st.has_seg else (None, rest)
@@ -323,22 +335,9 @@ def _dq_call(q, k, v, do, lse2, delta, seg, act, st: _Static, interpret):
       plgpu.copy_smem_to_gmem(qs, dq_ref.at[bi, rows, hi])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == w)
-    def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-      kvh = lax.div(hi, jnp.int32(st.groups))
-
-      @pl.loop(0, count)
-      def _fetch(t):
-        slot = gc.ring_slot(t, ns)
-        rows = pl.ds(t * bk, bk)
-        gc.fetch_kv(t, ns, k_src=k_ref.at[bi, rows, kvh], k_dst=k_smem.at[slot],
-                    k_loaded=k_bar.at[slot], k_free=k_used.at[slot],
-                    v_src=v_ref.at[bi, rows, kvh], v_dst=v_smem.at[slot],
-                    v_loaded=v_bar.at[slot], v_free=v_used.at[slot],
-                    seg_src=seg_ref.at[bi, rows] if st.has_seg else None,
-                    seg_dst=kvseg_smem.at[slot] if st.has_seg else None,
-                    seg_loaded=seg_bar.at[slot] if st.has_seg else None)
+    pl.when(wg == w)(lambda: _stream_kv(
+        st, count, bk, bi, hi, (k_ref, v_ref, seg_ref), (k_smem, v_smem, kvseg_smem),
+        (k_bar, v_bar, seg_bar, k_used, v_used)))
 
   def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, act_ref, *rest):
     seg_ref, (dq_ref,) = (rest[0], rest[1:]) if st.has_seg else (None, rest)
