@@ -45,6 +45,19 @@ def held_out_prompts(files: Sequence[str], count: int, prompt_bytes: int, seed: 
   return prompts
 
 
+def _timed(fn, repeats: int):
+  """(output, fastest seconds of `repeats` calls of `fn()` after a warm-up call): the fastest,
+  since the machine may be shared."""
+  jax.block_until_ready(fn())  # compile
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out)
+    best = min(best, time.perf_counter() - t0)
+  return out, best
+
+
 def measure_verify_latency(model: DecoderLM, variables: Any, batch: int, tree_sizes: Sequence[int],
                            context: int, max_len: int, repeats: int = 10) -> dict[int, float]:
   """Seconds (fastest of `repeats`: the machine may be shared) of one forward of T tree
@@ -55,19 +68,13 @@ def measure_verify_latency(model: DecoderLM, variables: Any, batch: int, tree_si
   """
   cache = set_cache_length(model.init_cache(batch, max_len), jnp.full((batch,), context,
                                                                         jnp.int32))
+  fn = jax.jit(lambda v, c, t, p, m: model.apply(v, t, p, cache=c, new_token_mask=m).logits)
   out = {}
   for size in tree_sizes:
     tokens = jnp.ones((batch, size), jnp.int32)
     positions = context + jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (batch, size))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((size, size), bool)), (batch, size, size))
-    fn = jax.jit(lambda v, c, t, p, m: model.apply(v, t, p, cache=c, new_token_mask=m).logits)
-    jax.block_until_ready(fn(variables, cache, tokens, positions, mask))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(variables, cache, tokens, positions, mask))
-      times.append(time.perf_counter() - t0)
-    out[int(size)] = float(np.min(times))
+    _, out[int(size)] = _timed(lambda: fn(variables, cache, tokens, positions, mask), repeats)
   return out
 
 
@@ -105,13 +112,7 @@ def measure_proposal_latency(proposer_for_depth, params: Any, batch: int, depths
                               jnp.full((batch,), depth + 1, jnp.int32))
       return tokens, state  # the tokens too, or the drafting would be compiled away
     fn = jax.jit(step)
-    jax.block_until_ready(fn(params, state, hidden, root))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(params, state, hidden, root))
-      times.append(time.perf_counter() - t0)
-    out[int(depth)] = float(np.min(times))
+    _, out[int(depth)] = _timed(lambda: fn(params, state, hidden, root), repeats)
   return out
 
 
@@ -166,17 +167,6 @@ class SpeedupResult:
   @property
   def speedup(self) -> float:
     return self.tokens_per_second / self.baseline_tokens_per_second
-
-
-def _timed(fn, repeats: int):
-  fn()  # compile
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = fn()
-    jax.block_until_ready(out)
-    best = min(best, time.perf_counter() - t0)
-  return out, best
 
 
 def compare_with_plain(model: DecoderLM, variables: Any, method: str, proposer, proposer_params,
