@@ -42,6 +42,15 @@ def segments(seed: int, b: int, length: int, num: int = 2) -> jax.Array:
   return jnp.asarray(np.sort(rng.integers(0, num + 1, size=(b, length)), axis=1), jnp.int32)
 
 
+def linear_segments(seed: int, b: int, t: int) -> jax.Array:
+  """Packed-document ids for linear attention, int32 ``[b, t]``: ids may repeat non-adjacently
+  (e.g. ... 3 3 1 1 0), and any change of id starts a new document."""
+  rng = np.random.default_rng(seed)
+  ids = np.sort(rng.integers(0, 4, size=(b, t)), axis=1)
+  ids[:, t // 2:] = ids[:, t // 2:] % 2
+  return jnp.asarray(ids, jnp.int32)
+
+
 def attention_inputs(seed: int, b: int, lq: int, lk: int, h: int, hkv: int, d: int, dtype):
   """q ``[b, lq, h, d]``, k, v ``[b, lk, hkv, d]`` and an output cotangent like q, all
   ~N(0, 1) in ``dtype``."""

@@ -19,18 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from effx.attention.feature_maps import taylor_features
 from effx.pallas_kernels import linear_attention as lak
 from effx.pallas_kernels.linear_attention import gpu as lak_gpu
 from effx.pallas_kernels.linear_attention.config import BlockSizes
 
-GPU_INTERPRET = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
+from _helpers import GPU_INTERPRET, SETTINGS, check_close, linear_segments
+
 VAL_TOL, GRAD_TOL = 2e-2, 4e-2
-SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, database=None,
-                phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate),
-                suppress_health_check=list(hypothesis.HealthCheck))
 
 
 def _inputs(seed, b, t, h, dk, dv, kind, dtype=jnp.bfloat16):
@@ -54,24 +51,6 @@ def _inputs(seed, b, t, h, dk, dv, kind, dtype=jnp.bfloat16):
   return q, k, v, g, s0, dy, ds
 
 
-def _segments(seed, b, t):
-  """Packed documents; ids may repeat non-adjacently (a change of id starts a document)."""
-  rng = np.random.default_rng(seed)
-  ids = np.sort(rng.integers(0, 4, size=(b, t)), axis=1)
-  ids[:, t // 2:] = ids[:, t // 2:] % 2
-  return jnp.asarray(ids, jnp.int32)
-
-
-def _check_close(name, got, want, tol):
-  got = np.asarray(jnp.asarray(got, jnp.float32))
-  want = np.asarray(jnp.asarray(want, jnp.float32))
-  assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-  assert np.isfinite(got).all(), f"{name}: non-finite values"
-  err = np.abs(got - want).max() if got.size else 0.0
-  scale = max(1.0, float(np.abs(want).max()))
-  assert err <= tol * scale, f"{name}: max err {err} > {tol} * {scale}"
-
-
 def _value_and_grads(fn, q, k, v, g, s0, dy, ds, seg):
   """(y, state) and the VJP of (dy, ds) w.r.t. q, k, v, log_decay, s0 (None where absent)."""
   def f(q, k, v, g, s0):
@@ -88,14 +67,14 @@ def _compare(q, k, v, g, s0, dy, ds, seg):
       q, k, v, g, s0, dy, ds, seg)
   (y, st), grads = got
   (ry, rst), rgrads = want
-  _check_close("y", y, ry, VAL_TOL)
-  _check_close("state", st, rst, VAL_TOL)
+  check_close("y", y, ry, VAL_TOL)
+  check_close("state", st, rst, VAL_TOL)
   assert y.dtype == v.dtype and st.dtype == jnp.float32
   for name, a, r in zip(("dq", "dk", "dv", "dlog_decay", "ds0"), grads, rgrads):
     assert (a is None) == (r is None), name
     if r is not None:
       assert a.shape == r.shape and a.dtype == r.dtype, name
-      _check_close(name, a, r, GRAD_TOL)
+      check_close(name, a, r, GRAD_TOL)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,7 +100,7 @@ def test_kernel_matches_reference(case):
   c = dict(b=1, h=2, dk=64, dv=64, seg=False, s0=False, dtype=jnp.bfloat16) | case
   q, k, v, g, s0, dy, ds = _inputs(3, c["b"], c["t"], c["h"], c["dk"], c["dv"], c["kind"],
                                    c["dtype"])
-  seg = _segments(5, c["b"], c["t"]) if c["seg"] else None
+  seg = linear_segments(5, c["b"], c["t"]) if c["seg"] else None
   _compare(q, k, v, g, s0 if c["s0"] else None, dy, ds, seg)
 
 
@@ -143,7 +122,7 @@ def test_kernel_based_taylor_features(case):
   assert q.shape[-1] == dk
   s0 = jax.random.normal(ks, (1, h, dk, 64)) if case["s0"] else None
   ds = jax.random.normal(jax.random.fold_in(ks, 1), (1, h, dk, 64))
-  _compare(q, k, v, g, s0, dy, ds, _segments(4, 1, t) if case["seg"] else None)
+  _compare(q, k, v, g, s0, dy, ds, linear_segments(4, 1, t) if case["seg"] else None)
 
 
 @pytest.mark.slow
@@ -157,7 +136,7 @@ def test_kernel_wide_k_tiles():
 def test_kernel_wide_heads():
   """d_k = d_v = 128: two d_v tiles per head (dq/dk partial sums) and two state row blocks."""
   q, k, v, g, s0, dy, ds = _inputs(7, 1, 130, 2, 128, 128, "retnet")
-  _compare(q, k, v, g, s0, dy, ds, _segments(8, 1, 130))
+  _compare(q, k, v, g, s0, dy, ds, linear_segments(8, 1, 130))
 
 
 @pytest.mark.slow
@@ -166,7 +145,7 @@ def test_kernel_wide_heads():
                   seg=hst.booleans(), s0=hst.booleans())
 def test_kernel_random_shapes(t, kind, seg, s0):
   q, k, v, g, s0_, dy, ds = _inputs(t, 1, t, 2, 64, 64, kind)
-  _compare(q, k, v, g, s0_ if s0 else None, dy, ds, _segments(t, 1, t) if seg else None)
+  _compare(q, k, v, g, s0_ if s0 else None, dy, ds, linear_segments(t, 1, t) if seg else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,7 +211,7 @@ def test_supported_reasons():
 
 def test_entry_point_gpu_dispatch():
   q, k, v, g, s0, _, _ = _inputs(13, 1, 80, 2, 64, 64, "retnet")
-  seg = _segments(2, 1, 80)
+  seg = linear_segments(2, 1, 80)
   kw = dict(log_decay=g, segment_ids=seg, initial_state=s0)
   want = lak.linear_attention_reference(q, k, v, **kw)
   assert lak.resolve("pallas", "gpu") == ("gpu", True)
@@ -240,8 +219,8 @@ def test_entry_point_gpu_dispatch():
   assert lak.fallback_reason("pallas", "gpu", q=q, k=k, v=v, log_decay=g) is None
   got = jax.jit(functools.partial(lak.linear_attention, impl="pallas", backend="gpu"))(
       q, k, v, **kw)
-  _check_close("pallas-gpu y", got[0], want[0], VAL_TOL)
-  _check_close("pallas-gpu state", got[1], want[1], VAL_TOL)
+  check_close("pallas-gpu y", got[0], want[0], VAL_TOL)
+  check_close("pallas-gpu state", got[1], want[1], VAL_TOL)
 
 
 def test_entry_point_gpu_fallbacks():
@@ -256,5 +235,5 @@ def test_entry_point_gpu_fallbacks():
     with pytest.warns(UserWarning, match="does not apply"):
       got = jax.jit(functools.partial(lak.linear_attention, impl="pallas", backend="gpu"))(
           q, k, v, log_decay=log_decay, initial_state=s0)
-    _check_close("fallback y", got[0], want[0], 1e-6)
-    _check_close("fallback state", got[1], want[1], 1e-6)
+    check_close("fallback y", got[0], want[0], 1e-6)
+    check_close("fallback state", got[1], want[1], 1e-6)

@@ -25,7 +25,7 @@ from effx.attention import linear as la
 from effx.pallas_kernels import linear_attention as lak
 from effx.pallas_kernels.linear_attention import tpu as lak_tpu
 from effx.pallas_kernels.linear_attention.config import BlockSizes
-from _helpers import SETTINGS, TPU_INTERPRET, check_close
+from _helpers import SETTINGS, TPU_INTERPRET, check_close, linear_segments
 
 TOL = {jnp.float32: (1e-5, 5e-5), jnp.bfloat16: (3e-2, 6e-2)}
 
@@ -46,14 +46,6 @@ def _inputs(seed, b, t, h, dk, dv, kind, dtype=jnp.float32, gate_scale=2.0):
   dy = jax.random.normal(ks[5], (b, t, h, dv), jnp.float32).astype(dtype)
   ds = jax.random.normal(ks[6], (b, h, dk, dv), jnp.float32)
   return q, k, v, g, s0, dy, ds
-
-
-def _segments(seed, b, t):
-  """Packed documents; ids may repeat non-adjacently (a change of id starts a document)."""
-  rng = np.random.default_rng(seed)
-  ids = np.sort(rng.integers(0, 4, size=(b, t)), axis=1)
-  ids[:, t // 2:] = ids[:, t // 2:] % 2   # e.g. ... 3 3 1 1 0: repeats start new documents
-  return jnp.asarray(ids, jnp.int32)
 
 
 def _vjp_all(fn, q, k, v, g, s0, dy, ds):
@@ -119,7 +111,7 @@ def test_reference_matches_attention_linear(kind):
   references == effx.attention.linear's parallel form."""
   b, t, h, dk, dv = 2, 13, 2, 4, 3
   q, k, v, g, s0, dy, ds = _inputs(1, b, t, h, dk, dv, kind)
-  seg = _segments(2, b, t)
+  seg = linear_segments(2, b, t)
   full = lambda g: g if g is None or g.ndim > 1 else jnp.broadcast_to(g, (b, t, h))  # noqa: E731
 
   @jax.jit
@@ -196,14 +188,14 @@ def test_block_sizes_validation_and_defaults():
 def test_kernel_f32(b, t, h, dims, kind, seg, s0, blocks, seed):
   dk, dv = dims
   q, k, v, g, s0_, dy, ds = _inputs(seed, b, t, h, dk, dv, kind)
-  _compare(q, k, v, g, s0_, dy, ds, _segments(seed, b, t), chunk=blocks[0], sub=blocks[1],
+  _compare(q, k, v, g, s0_, dy, ds, linear_segments(seed, b, t), chunk=blocks[0], sub=blocks[1],
            with_seg=seg, with_s0=s0)
 
 
 def test_kernel_f32_gla_several_chunks_and_resets():
   """Always-run case: 3 chunks of 4 GLA sub-chunks, resets inside and across chunks."""
   q, k, v, g, s0, dy, ds = _inputs(3, 2, 37, 2, 8, 16, "gla")
-  _compare(q, k, v, g, s0, dy, ds, _segments(4, 2, 37), chunk=16, sub=4, with_seg=True,
+  _compare(q, k, v, g, s0, dy, ds, linear_segments(4, 2, 37), chunk=16, sub=4, with_seg=True,
            with_s0=True)
 
 
@@ -212,7 +204,7 @@ def test_kernel_f32_gla_several_chunks_and_resets():
                   seg=st.booleans(), seed=st.integers(0, 2**16))
 def test_kernel_bf16(t, kind, seg, seed):
   q, k, v, g, s0, dy, ds = _inputs(seed, 1, t, 2, 16, 16, kind, dtype=jnp.bfloat16)
-  _compare(q, k, v, g, s0, dy, ds, _segments(seed, 1, t), chunk=16, sub=8, with_seg=seg)
+  _compare(q, k, v, g, s0, dy, ds, linear_segments(seed, 1, t), chunk=16, sub=8, with_seg=seg)
 
 
 def test_kernel_strong_gates_are_stable():
