@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from effx.attention import masks as masks_lib
-from effx.attention.dot_product import dot_product_attention
+from effx.attention.dot_product import CONTRACTIONS, dot_product_attention
 from effx.attention.kv_cache import KVCache
 from effx.layers.initializers import fan_in_normal, partitioned
 from effx.layers.rotary import RotaryConfig, apply_rotary
@@ -81,6 +81,8 @@ class MultiHeadAttention(nn.Module):
     use_qkv_bias: biases on the q/k/v projections (Qwen2).
     logit_soft_cap: cap * tanh(logits / cap) if set.
     block_size: block size of the "blockwise" path.
+    cache_contraction: how the XLA path of cached calls contracts q.k and p.v
+      (`dot_product_attention`'s `contraction`: "auto", "einsum" or "broadcast").
     dtype / param_dtype: compute and parameter dtypes.
   """
 
@@ -93,6 +95,7 @@ class MultiHeadAttention(nn.Module):
   use_qkv_bias: bool = False
   logit_soft_cap: float | None = None
   block_size: int = 512
+  cache_contraction: str = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -107,6 +110,9 @@ class MultiHeadAttention(nn.Module):
                        f"num_heads={self.num_heads}")
     if self.impl not in self._impls:
       raise ValueError(f"attention.impl: got {self.impl!r}; allowed: {list(self._impls)}")
+    if self.cache_contraction not in CONTRACTIONS:
+      raise ValueError(f"attention.cache_contraction: got {self.cache_contraction!r}; allowed: "
+                       f"{list(CONTRACTIONS)}")
     if self.head_dim is not None and self.head_dim <= 0:
       raise ValueError(f"attention.head_dim: got {self.head_dim}; must be > 0")
     super().__post_init__()
@@ -250,7 +256,8 @@ class MultiHeadAttention(nn.Module):
       return self._attend_cache_kernel(q, k, v, positions, cache, new_token_mask)
     cache, allowed = self._append_to_cache(k, v, positions, cache, new_token_mask)
     out = dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), allowed,
-                                logit_soft_cap=self.logit_soft_cap)
+                                logit_soft_cap=self.logit_soft_cap,
+                                contraction=self.cache_contraction)
     return out, cache
 
   def _attend_cache_kernel(self, q, k, v, positions, cache: KVCache, new_token_mask):
@@ -275,6 +282,7 @@ class MultiHeadAttention(nn.Module):
 
     def xla():
       allowed = cache_attention_mask(start, cache.max_len, new_token_mask, self.mask, positions)
-      return dot_product_attention(q, ck, cv, allowed, logit_soft_cap=self.logit_soft_cap)
+      return dot_product_attention(q, ck, cv, allowed, logit_soft_cap=self.logit_soft_cap,
+                                   contraction=self.cache_contraction)
 
     return jax.lax.cond(jnp.all(positions >= start[:, None] - 1), kernel, xla), cache

@@ -95,15 +95,17 @@ def test_window_and_segment_masks_match_numpy(soft_cap):
   np.testing.assert_array_equal(np.asarray(y)[seg == 0], 0)  # padding queries read nothing
 
 
-def test_dot_product_attention_matches_numpy_with_groups():
+@pytest.mark.parametrize("q_len", [5, 1])
+@pytest.mark.parametrize("contraction", ["einsum", "broadcast", "auto"])
+def test_dot_product_attention_matches_numpy_with_groups(contraction, q_len):
   rng = np.random.default_rng(1)
-  q = rng.standard_normal((2, 5, 6, 4)).astype(np.float32)
+  q = rng.standard_normal((2, q_len, 6, 4)).astype(np.float32)
   k = rng.standard_normal((2, 7, 2, 4)).astype(np.float32)
   v = rng.standard_normal((2, 7, 2, 4)).astype(np.float32)
-  allowed = rng.random((2, 6, 5, 7)) < 0.6
+  allowed = rng.random((2, 6, q_len, 7)) < 0.6
   allowed[:, :, 0, :] = False  # an empty row -> zeros
   out = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                              jnp.asarray(allowed), sm_scale=0.3)
+                              jnp.asarray(allowed), sm_scale=0.3, contraction=contraction)
   kk, vv = np.repeat(k, 3, 2), np.repeat(v, 3, 2)
   logits = np.einsum("bqhd,bkhd->bhqk", q, kk) * 0.3
   logits = np.where(allowed, logits, -np.inf)
@@ -112,6 +114,36 @@ def test_dot_product_attention_matches_numpy_with_groups():
   ref = np.einsum("bhqk,bkhd->bqhd", probs, vv)
   np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(out)[:, 0], 0)
+
+
+def test_contractions_agree_in_value_and_gradient_bf16():
+  """The broadcast form equals the einsum form (bf16 inputs, f32 accumulation in both) and has
+  the same gradients, with a soft cap and GQA."""
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+             for s in ((2, 3, 4, 8), (2, 9, 2, 8), (2, 9, 2, 8)))
+  allowed = jnp.asarray(rng.random((2, 1, 3, 9)) < 0.7)
+
+  def loss(contraction, q, k, v):
+    out = dot_product_attention(q, k, v, allowed, logit_soft_cap=5.0, contraction=contraction)
+    return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+  (_, ref), ref_grads = jax.value_and_grad(functools.partial(loss, "einsum"), (0, 1, 2),
+                                           has_aux=True)(q, k, v)
+  (_, out), grads = jax.value_and_grad(functools.partial(loss, "broadcast"), (0, 1, 2),
+                                       has_aux=True)(q, k, v)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                             rtol=2e-2, atol=2e-2)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                               rtol=3e-2, atol=3e-2)
+
+
+def test_dot_product_attention_rejects_unknown_contraction():
+  x = jnp.zeros((1, 2, 2, 4))
+  with pytest.raises(ValueError, match="contraction: got 'fast'; allowed"):
+    dot_product_attention(x, x, x, None, contraction="fast")
 
 
 # ------------------------------------------------------------------------------ GQA == MHA
@@ -302,6 +334,8 @@ def test_config_errors_are_one_line_naming_the_field():
   _one_line_error(lambda: MultiHeadAttention(num_heads=2, impl="flash"), "attention.impl",
                   "'flash'")
   _one_line_error(lambda: MultiHeadAttention(num_heads=2, head_dim=0), "attention.head_dim")
+  _one_line_error(lambda: MultiHeadAttention(num_heads=2, cache_contraction="gemv"),
+                  "attention.cache_contraction", "'gemv'", "einsum")
   attn = MultiHeadAttention(num_heads=3)
   _one_line_error(lambda: attn.init(jax.random.key(0), _x(1, 2), _pos(1, 2)),
                   "attention.num_heads", "3", "16")
