@@ -7,7 +7,8 @@ Step (reference.md 1.3): the root is the token the base model chose at the last 
 position; the proposer drafts the tree from the base hidden state there; the base model runs
 the T tree tokens against its KV cache under the tree mask with positions length + depth;
 a verifier accepts a root-to-node path and draws a bonus token; the accepted nodes' K/V rows
-move to contiguous slots (`commit_cache`); the bonus becomes the next root. A step emits
+move to contiguous slots (`commit_cache`; a chain's already are); the bonus becomes the next
+root. A step emits
 accepted + 1 tokens.
 """
 
@@ -140,7 +141,11 @@ def _speculative(model, variables, proposer, proposer_params, prompts, prompt_le
     ver = _verify(cfg, tree, q, drafts, out.logits, jax.random.split(k_verify, batch))
     n_nodes = ver.num_accepted + 1  # root + accepted drafts
     new_len = jnp.where(done, start, start + n_nodes)
-    cache = set_cache_length(commit_cache(out.cache, start, ver.accepted_nodes, n_nodes), new_len)
+    if tree.is_chain:  # accepted nodes 0..n-1 already sit in slots start..start+n-1
+      cache = set_cache_length(out.cache, new_len)
+    else:
+      cache = set_cache_length(commit_cache(out.cache, start, ver.accepted_nodes, n_nodes),
+                               new_len)
     nodes = jnp.maximum(ver.accepted_nodes, 0)
     accepted_hidden = jnp.take_along_axis(out.hidden, nodes[:, :, None], axis=1)
     accepted_tokens = jnp.take_along_axis(drafts, nodes, axis=1)

@@ -117,6 +117,12 @@ class DraftTree:
     return int(self.depth.max())
 
   @property
+  def is_chain(self) -> bool:
+    """Whether node i's parent is node i - 1 for every i >= 1: every root-to-node path is then
+    nodes 0..d, so accepted nodes already sit in contiguous KV-cache slots."""
+    return bool(np.array_equal(self.parent[1:], np.arange(self.num_nodes - 1)))
+
+  @property
   def num_paths(self) -> int:
     """P, the number of leaves (= root-to-leaf paths)."""
     return int(self.leaves.size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -24,6 +25,7 @@ from effx.model import DecoderLM, block, commit_cache
 
 VOCAB, WIDTH = 24, 32
 TREE = tree_lib.from_choices([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+CHAIN = tree_lib.chain(3)
 
 
 def tiny_lm(layers: int = 2, vocab: int = VOCAB) -> DecoderLM:
@@ -78,10 +80,16 @@ def prompts_batch(seed: int = 0, lengths=(5, 9, 2, 7)):
   return pad_prompts([rs.randint(3, VOCAB, n) for n in lengths])
 
 
-@pytest.mark.parametrize("name", ["medusa", "hydra", "hydra++", "draft_model", "self_draft"])
-def test_greedy_speculative_equals_greedy_plain(base, name):
+@pytest.mark.parametrize("name,tree", [
+    ("medusa", TREE), ("hydra", TREE), ("hydra++", TREE), ("draft_model", None),
+    ("self_draft", None), ("medusa", CHAIN), ("hydra", CHAIN), ("hydra++", CHAIN)],
+    ids=lambda x: "chain" if x is CHAIN else "tree" if x is TREE else x)
+def test_greedy_speculative_equals_greedy_plain(base, name, tree):
+  """Every proposer; heads with a branching tree (KV commit) and with a chain (no commit)."""
   model, variables = base
   _, proposer, params = next(p for p in proposers(model, variables) if p[0] == name)
+  if tree is not None:
+    proposer = dataclasses.replace(proposer, tree=tree)
   prompts, lengths = prompts_batch()
   plain = generate(model, variables, prompts, lengths, max_new_tokens=24, max_len=64)
   eos = int(np.asarray(plain.tokens)[0, 10])  # a token row 0 emits: rows stop at it

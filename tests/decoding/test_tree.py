@@ -164,8 +164,11 @@ def test_chain():
   assert t.paths.tolist() == [[0, 1, 2, 3]]
   assert t.children.tolist() == [[1], [2], [3], [-1]]
   assert t == tree_lib.from_choices([[0], [0, 0], [0, 0, 0]])
+  assert t.is_chain and not tree_lib.from_choices([[0], [1]]).is_chain
+  assert not tree_lib.from_parents([-1, 0, 0, 1]).is_chain
   root = tree_lib.chain(0)
   assert root.num_nodes == 1 and root.paths.tolist() == [[0]] and root.max_children == 1
+  assert root.is_chain
   with pytest.raises(ValueError, match="length: got -1"):
     tree_lib.chain(-1)
 
