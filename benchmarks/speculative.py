@@ -65,9 +65,10 @@ def main() -> None:
   cfg = SpeculativeConfig(max_new_tokens=bench.max_new_tokens, max_len=max_len)
   proposer = DraftModelProposer(draft.model, args.num_draft)
   for batch in bench.batch_sizes:
-    tokens, lengths = pad_prompts(prompts[:batch])
+    batches = [pad_prompts(prompts[i:i + batch])
+               for i in range(0, len(prompts) - batch + 1, batch)]
     result, _ = compare_with_plain(exp.model, variables, "draft LM", proposer,
-                                   {"params": draft_state.params}, tokens, lengths, cfg,
+                                   {"params": draft_state.params}, batches, cfg,
                                    repeats=bench.repeats)
     rows.append(dict(method="draft LM", batch=batch, tree_nodes=proposer.tree.num_nodes,
                      tau=round(result.stats.tau, 3), speedup=round(result.speedup, 3),
@@ -86,7 +87,7 @@ def main() -> None:
   body = (f"lm_tiny backbone from `{args.workdir}`; greedy; {bench.num_prompts} held-out stdlib "
           f"prompts of {bench.prompt_bytes} bytes, {bench.max_new_tokens} new tokens; AR and "
           "speculative timed side by side in one process (best of "
-          f"{bench.repeats}). Draft LM: 1 layer x 128, trained {args.draft_seconds:.0f} s, chain "
+          f"{bench.repeats}; every prompt at every batch size). Draft LM: 1 layer x 128, trained {args.draft_seconds:.0f} s, chain "
           f"of {args.num_draft}. Head trees are sized from measured verify + drafting latency and "
           "the heads' agreement on the model's own continuations of train-split prompts; \"τ, "
           "chain of 4\": each head method on the same 4-deep chain.\n\n" + "\n".join(lines))

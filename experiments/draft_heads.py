@@ -98,7 +98,9 @@ def measure_speculative(exp: Experiment, workdir: str, base_variables: Any, log=
                                      max_len=max_len)
     log(f"batch {batch}: verify latency relative to one token: "
         + ", ".join(f"T={t}: {s / latency[1]:.2f}x" for t, s in sorted(latency.items())))
-    tokens, lengths = pad_prompts(prompts[:batch])
+    # every prompt at every batch size: at batch 1 a single prompt is one sample of τ
+    batches = [pad_prompts(prompts[i:i + batch])
+               for i in range(0, len(prompts) - batch + 1, batch)]
     baseline = None
     for head_cfg, heads, params, acceptance in trained:
       drafting = measure_proposal_latency(
@@ -106,13 +108,14 @@ def measure_speculative(exp: Experiment, workdir: str, base_variables: Any, log=
           range(1, heads.num_heads + 1), exp.model.embed_dim, context, max_len)
       budget = auto_tree(acceptance, {t: s for t, s in latency.items() if t > 1}, drafting)
       common = chain(heads.num_heads)  # the same tree for every method: τ compares the heads
-      out = speculative_generate(exp.model, base_variables, make_proposer(heads, common), params,
-                                 tokens, lengths, cfg)
-      tau_chain = speculative_stats(np.asarray(out.accepted), common.num_nodes,
+      accepted = [np.asarray(speculative_generate(
+          exp.model, base_variables, make_proposer(heads, common), params, tokens, lengths,
+          cfg).accepted) for tokens, lengths in batches]
+      tau_chain = speculative_stats(np.concatenate(accepted, axis=1), common.num_nodes,
                                     common.max_depth).tau
       result, baseline = compare_with_plain(
           exp.model, base_variables, head_cfg.kind, make_proposer(heads, budget.tree), params,
-          tokens, lengths, cfg, baseline=baseline, repeats=bench.repeats)
+          batches, cfg, baseline=baseline, repeats=bench.repeats)
       row = dict(method=head_cfg.kind, batch=batch, tree_nodes=budget.tree.num_nodes,
                  tree_depth=budget.tree.max_depth,
                  tau=round(result.stats.tau, 3), speedup=round(result.speedup, 3),

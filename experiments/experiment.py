@@ -50,13 +50,14 @@ class SpeculativeBenchConfig:
   """How `--mode speculative` (and the end of `--mode main`) measures draft heads.
 
   Attributes:
-    num_prompts: held-out prompts per batch size (cut from eval-split files).
+    num_prompts: held-out prompts (cut from eval-split files); every batch size runs all of
+      them in consecutive batches (a remainder smaller than the batch is left out).
     prompt_bytes: prompt length in bytes.
     max_new_tokens: tokens generated per prompt.
     batch_sizes: batch sizes measured (each a separate side-by-side comparison).
     candidate_tree_nodes: tree sizes T (root included) whose verify latency is measured; the
       tree is the best of these for the measured acceptance (tokens/s).
-    repeats: timed repeats (best of) per measurement.
+    repeats: timed repeats (best of) per measurement; the machine may be shared.
   """
 
   num_prompts: int = 8
@@ -64,7 +65,7 @@ class SpeculativeBenchConfig:
   max_new_tokens: int = 96
   batch_sizes: tuple[int, ...] = (1, 8)
   candidate_tree_nodes: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 12, 16)
-  repeats: int = 2
+  repeats: int = 5
 
   def __post_init__(self):
     object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))

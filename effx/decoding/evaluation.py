@@ -170,32 +170,46 @@ class SpeedupResult:
 
 
 def compare_with_plain(model: DecoderLM, variables: Any, method: str, proposer, proposer_params,
-                       prompts: np.ndarray, lengths: np.ndarray, cfg: SpeculativeConfig,
-                       baseline: tuple[Any, float] | None = None, repeats: int = 2,
-                       key: jax.Array | None = None) -> tuple[SpeedupResult, tuple[Any, float]]:
-  """Times plain `generate` and `speculative_generate` on the same prompts (best of `repeats`).
+                       prompt_batches: Sequence[tuple[np.ndarray, np.ndarray]],
+                       cfg: SpeculativeConfig, baseline: list[tuple[Any, float]] | None = None,
+                       repeats: int = 2, key: jax.Array | None = None
+                       ) -> tuple[SpeedupResult, list[tuple[Any, float]]]:
+  """Times plain `generate` and `speculative_generate` on the same prompts, batch by batch.
 
-  Returns the result and the (plain output, seconds) pair so later methods reuse the baseline.
+  Args:
+    prompt_batches: (prompts int32 [batch, len], lengths int32 [batch]) pairs of one batch size;
+      several batches average over more prompts (at batch 1, one prompt says little).
+    baseline: the plain (output, seconds) per batch returned by an earlier call on the same
+      batches, so later methods reuse it.
+    repeats: each call is timed `repeats` times after a warm-up; the fastest counts.
+
+  Returns the result (tokens/s = all tokens / all seconds; statistics over every step of every
+  batch) and the plain (output, seconds) per batch.
   """
   key = jax.random.key(0) if key is None else key
   if baseline is None:
-    baseline = _timed(lambda: generate(
-        model, variables, prompts, lengths, max_new_tokens=cfg.max_new_tokens,
-        max_len=cfg.max_len, sampling=cfg.sampling, key=key, eos_id=cfg.eos_id,
-        pad_id=cfg.pad_id), repeats)
-  plain, plain_s = baseline
-  spec, spec_s = _timed(lambda: speculative_generate(model, variables, proposer, proposer_params,
-                                                     prompts, lengths, cfg, key), repeats)
+    baseline = [_timed(lambda p=p, n=n: generate(
+        model, variables, p, n, max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len,
+        sampling=cfg.sampling, key=key, eos_id=cfg.eos_id, pad_id=cfg.pad_id), repeats)
+        for p, n in prompt_batches]
+  runs = [_timed(lambda p=p, n=n: speculative_generate(model, variables, proposer,
+                                                       proposer_params, p, n, cfg, key), repeats)
+          for p, n in prompt_batches]
   tree = proposer.tree
-  n_plain = int(np.sum(np.asarray(plain.lengths)))
-  n_spec = int(np.sum(np.asarray(spec.lengths)))
-  match = (bool(np.array_equal(np.asarray(plain.tokens), np.asarray(spec.tokens)))
+  n_plain = sum(int(np.sum(np.asarray(out.lengths))) for out, _ in baseline)
+  n_spec = sum(int(np.sum(np.asarray(out.lengths))) for out, _ in runs)
+  match = (all(np.array_equal(np.asarray(plain.tokens), np.asarray(spec.tokens))
+               for (plain, _), (spec, _) in zip(baseline, runs))
            if cfg.sampling.greedy and cfg.acceptance == "lossless" else None)
-  result = SpeedupResult(method=method, batch=prompts.shape[0], tree_nodes=tree.num_nodes,
-                         stats=speculative_stats(np.asarray(spec.accepted), tree.num_nodes,
-                                                 tree.max_depth, np.asarray(spec.attempted)),
-                         tokens_per_second=n_spec / spec_s,
-                         baseline_tokens_per_second=n_plain / plain_s, outputs_match=match)
+  accepted = np.concatenate([np.asarray(out.accepted) for out, _ in runs], axis=1)
+  attempted = np.concatenate([np.asarray(out.attempted) for out, _ in runs], axis=1)
+  result = SpeedupResult(method=method, batch=prompt_batches[0][0].shape[0],
+                         tree_nodes=tree.num_nodes,
+                         stats=speculative_stats(accepted, tree.num_nodes, tree.max_depth,
+                                                 attempted),
+                         tokens_per_second=n_spec / sum(s for _, s in runs),
+                         baseline_tokens_per_second=n_plain / sum(s for _, s in baseline),
+                         outputs_match=match)
   return result, baseline
 
 

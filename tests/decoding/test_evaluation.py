@@ -1,4 +1,5 @@
-"""Measurement helpers of effx.decoding.evaluation: calibration text and drafting latency."""
+"""Measurement helpers of effx.decoding.evaluation: calibration text, drafting latency, and
+the side-by-side speedup comparison."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from effx.attention.mha import MultiHeadAttention
-from effx.decoding.evaluation import generated_batches, measure_proposal_latency
+from effx.decoding.evaluation import (compare_with_plain, generated_batches,
+                                      measure_proposal_latency)
 from effx.decoding.generate import generate, pad_prompts
 from effx.decoding.head_training import HeadTrainConfig, HeadTrainer, make_proposer
 from effx.decoding.head_training import proposer_params
+from effx.decoding.speculative import SpeculativeConfig, speculative_generate
 from effx.decoding.tree import chain
 from effx.layers import GatedMLP
 from effx.model import DecoderLM, block
@@ -56,3 +60,24 @@ def test_proposal_latency_is_measured_per_depth():
                                        batch=2, depths=(1, 3), embed_dim=E, context=5,
                                        max_len=16, repeats=2)
     assert sorted(seconds) == [1, 3] and all(s > 0 for s in seconds.values())
+
+
+def test_compare_with_plain_pools_every_batch():
+  """Several batches: tokens, match and statistics cover all of them; the baseline is reused."""
+  model, variables = tiny()
+  trainer = HeadTrainer(HeadTrainConfig(kind="medusa", num_heads=2), model, variables)
+  params = proposer_params(trainer.heads, trainer.init()[0], variables["params"])
+  proposer = make_proposer(trainer.heads, chain(2))
+  batches = [pad_prompts([np.array([1, 5, 6, 7])]), pad_prompts([np.array([1, 9, 3, 3])])]
+  cfg = SpeculativeConfig(max_new_tokens=7, max_len=16)
+  result, baseline = compare_with_plain(model, variables, "medusa", proposer, params, batches,
+                                        cfg, repeats=1)
+  assert result.outputs_match is True and result.batch == 1 and len(baseline) == 2
+  accepted = [np.asarray(speculative_generate(model, variables, proposer, params, p, n,
+                                              cfg).accepted) for p, n in batches]
+  active = np.concatenate([a[a >= 0] for a in accepted])
+  assert result.stats.steps == active.size > len(accepted[0][accepted[0] >= 0])
+  assert result.stats.tau == pytest.approx(np.mean(active + 1))
+  again, reused = compare_with_plain(model, variables, "medusa", proposer, params, batches,
+                                     cfg, baseline=baseline, repeats=1)
+  assert reused is baseline and again.baseline_tokens_per_second == result.baseline_tokens_per_second
