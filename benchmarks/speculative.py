@@ -67,9 +67,9 @@ def main() -> None:
   for batch in bench.batch_sizes:
     batches = [pad_prompts(prompts[i:i + batch])
                for i in range(0, len(prompts) - batch + 1, batch)]
-    result, _ = compare_with_plain(exp.model, variables, "draft LM", proposer,
-                                   {"params": draft_state.params}, batches, cfg,
-                                   repeats=bench.repeats)
+    result = compare_with_plain(exp.model, variables, "draft LM", proposer,
+                                {"params": draft_state.params}, batches, cfg,
+                                repeats=bench.repeats)
     rows.append(dict(method="draft LM", batch=batch, tree_nodes=proposer.tree.num_nodes,
                      tau=round(result.stats.tau, 3), speedup=round(result.speedup, 3),
                      tokens_per_second=round(result.tokens_per_second, 1),
@@ -86,7 +86,7 @@ def main() -> None:
                  f"{r['speedup']:.2f}x | {r['outputs_match_plain']} |")
   body = (f"lm_tiny backbone from `{args.workdir}`; greedy; {bench.num_prompts} held-out stdlib "
           f"prompts of {bench.prompt_bytes} bytes, {bench.max_new_tokens} new tokens; AR and "
-          "speculative timed side by side in one process (best of "
+          "speculative timed alternately in one process (best of "
           f"{bench.repeats}; every prompt at every batch size). Draft LM: 1 layer x 128, trained {args.draft_seconds:.0f} s, chain "
           f"of {args.num_draft}. Head trees are sized from measured verify + drafting latency and "
           "the heads' agreement on the model's own continuations of train-split prompts; \"τ, "

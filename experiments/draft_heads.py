@@ -101,7 +101,6 @@ def measure_speculative(exp: Experiment, workdir: str, base_variables: Any, log=
     # every prompt at every batch size: at batch 1 a single prompt is one sample of τ
     batches = [pad_prompts(prompts[i:i + batch])
                for i in range(0, len(prompts) - batch + 1, batch)]
-    baseline = None
     for head_cfg, heads, params, acceptance in trained:
       drafting = measure_proposal_latency(
           lambda d, heads=heads: make_proposer(heads, chain(d)), params, batch,
@@ -113,9 +112,9 @@ def measure_speculative(exp: Experiment, workdir: str, base_variables: Any, log=
           cfg).accepted) for tokens, lengths in batches]
       tau_chain = speculative_stats(np.concatenate(accepted, axis=1), common.num_nodes,
                                     common.max_depth).tau
-      result, baseline = compare_with_plain(
+      result = compare_with_plain(
           exp.model, base_variables, head_cfg.kind, make_proposer(heads, budget.tree), params,
-          batches, cfg, baseline=baseline, repeats=bench.repeats)
+          batches, cfg, repeats=bench.repeats)
       row = dict(method=head_cfg.kind, batch=batch, tree_nodes=budget.tree.num_nodes,
                  tree_depth=budget.tree.max_depth,
                  tau=round(result.stats.tau, 3), speedup=round(result.speedup, 3),

@@ -58,31 +58,48 @@ def _timed(fn, repeats: int):
   return out, best
 
 
+def _seconds_per_step(step, carry, steps: int, repeats: int) -> float:
+  """Seconds per iteration of `carry = step(carry)` run `steps` times in one jitted fori_loop,
+  as the decoding loops run it (no per-call dispatch; state updated in place, not copied out of
+  the call): the fastest of `repeats` runs, divided by `steps`."""
+  run = jax.jit(lambda c: jax.lax.fori_loop(0, steps, lambda _, c: step(c), c))
+  _, seconds = _timed(lambda: run(carry), repeats)
+  return seconds / steps
+
+
 def measure_verify_latency(model: DecoderLM, variables: Any, batch: int, tree_sizes: Sequence[int],
-                           context: int, max_len: int, repeats: int = 10) -> dict[int, float]:
-  """Seconds (fastest of `repeats`: the machine may be shared) of one forward of T tree
-  tokens against a cache holding `context` tokens.
+                           context: int, max_len: int, repeats: int = 5, steps: int = 20
+                           ) -> dict[int, float]:
+  """Seconds of one forward of T tree tokens against a cache holding `context` tokens, inside
+  a jitted loop of `steps` such forwards (fastest of `repeats`: the machine may be shared).
 
   Returns {T: seconds} for every T in `tree_sizes` (a chain mask; the mask's shape, not its
   pattern, sets the cost).
   """
-  cache = set_cache_length(model.init_cache(batch, max_len), jnp.full((batch,), context,
-                                                                        jnp.int32))
-  fn = jax.jit(lambda v, c, t, p, m: model.apply(v, t, p, cache=c, new_token_mask=m).logits)
+  start = jnp.full((batch,), context, jnp.int32)
+  cache = set_cache_length(model.init_cache(batch, max_len), start)
   out = {}
   for size in tree_sizes:
     tokens = jnp.ones((batch, size), jnp.int32)
     positions = context + jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (batch, size))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((size, size), bool)), (batch, size, size))
-    _, out[int(size)] = _timed(lambda: fn(variables, cache, tokens, positions, mask), repeats)
+
+    def step(carry, tokens=tokens, positions=positions, mask=mask):
+      cache, total = carry
+      res = model.apply(variables, tokens, positions, cache=cache, new_token_mask=mask)
+      # the same context every step; the logits feed the carry so none of them is dead code
+      return set_cache_length(res.cache, start), total + jnp.sum(res.logits)
+
+    out[int(size)] = _seconds_per_step(step, (cache, jnp.zeros((), jnp.float32)), steps,
+                                       repeats)
   return out
 
 
 def measure_proposal_latency(proposer_for_depth, params: Any, batch: int, depths: Sequence[int],
-                             embed_dim: int, context: int, max_len: int, repeats: int = 10
-                             ) -> dict[int, float]:
-  """Seconds (fastest of `repeats`) of one propose + commit of a proposer drafting a tree of
-  depth d.
+                             embed_dim: int, context: int, max_len: int, repeats: int = 5,
+                             steps: int = 20) -> dict[int, float]:
+  """Seconds of one propose + commit of a proposer drafting a tree of depth d, inside a jitted
+  loop of `steps` of them (fastest of `repeats`).
 
   Args:
     proposer_for_depth: d -> the proposer drafting a chain of d tokens (its per-step cost
@@ -95,24 +112,28 @@ def measure_proposal_latency(proposer_for_depth, params: Any, batch: int, depths
   that depth for the cost of one step (`choose_node_budget(proposal_latency_per_depth=...)`).
   """
   out = {}
-  hidden = jnp.ones((batch, embed_dim), jnp.float32)
-  root = jnp.ones((batch,), jnp.int32)
+  length = jnp.full((batch,), context, jnp.int32)
   for depth in depths:
     proposer = proposer_for_depth(depth)
     state = proposer.init_state(batch, max_len)
     if isinstance(state, HydraState):  # a prefix-layer cache: pretend it holds `context` states
-      state = state.replace(cache=state.cache.replace(length=jnp.full((batch,), context,
-                                                                      jnp.int32)))
+      state = state.replace(cache=state.cache.replace(length=length))
 
-    def step(params, state, hidden, root, proposer=proposer, depth=depth):
+    def step(carry, proposer=proposer, depth=depth):
+      state, hidden, root = carry
       tokens, _, state = proposer.propose(params, state, hidden, root, jax.random.key(0),
                                           SamplingConfig())
       accepted = jnp.broadcast_to(hidden[:, None], (batch, depth + 1, embed_dim))
       state = proposer.commit(params, state, tokens[:, :depth + 1], accepted,
                               jnp.full((batch,), depth + 1, jnp.int32))
-      return tokens, state  # the tokens too, or the drafting would be compiled away
-    fn = jax.jit(step)
-    _, out[int(depth)] = _timed(lambda: fn(params, state, hidden, root), repeats)
+      if isinstance(state, HydraState):  # the same context every step
+        state = state.replace(cache=state.cache.replace(length=length))
+      # the drafts feed the next step's inputs, so no drafting is hoisted out or compiled away
+      last = tokens[:, -1]
+      return state, hidden + 1e-6 * last[:, None].astype(hidden.dtype), last
+
+    carry = (state, jnp.ones((batch, embed_dim), jnp.float32), jnp.ones((batch,), jnp.int32))
+    out[int(depth)] = _seconds_per_step(step, carry, steps, repeats)
   return out
 
 
@@ -169,48 +190,60 @@ class SpeedupResult:
     return self.tokens_per_second / self.baseline_tokens_per_second
 
 
+def _interleaved_best(functions: Sequence, repeats: int) -> list[tuple[Any, float]]:
+  """(output, fastest seconds) of each function, timed in turn `repeats` times after a warm-up
+  call each: interleaving makes a slow spell of a shared machine hit every function."""
+  outputs = [jax.block_until_ready(fn()) for fn in functions]
+  best = [float("inf")] * len(functions)
+  for _ in range(repeats):
+    for i, fn in enumerate(functions):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      best[i] = min(best[i], time.perf_counter() - t0)
+  return list(zip(outputs, best))
+
+
 def compare_with_plain(model: DecoderLM, variables: Any, method: str, proposer, proposer_params,
                        prompt_batches: Sequence[tuple[np.ndarray, np.ndarray]],
-                       cfg: SpeculativeConfig, baseline: list[tuple[Any, float]] | None = None,
-                       repeats: int = 2, key: jax.Array | None = None
-                       ) -> tuple[SpeedupResult, list[tuple[Any, float]]]:
-  """Times plain `generate` and `speculative_generate` on the same prompts, batch by batch.
+                       cfg: SpeculativeConfig, repeats: int = 2, key: jax.Array | None = None
+                       ) -> SpeedupResult:
+  """Times plain `generate` and `speculative_generate` side by side on the same prompts.
 
   Args:
     prompt_batches: (prompts int32 [batch, len], lengths int32 [batch]) pairs of one batch size;
       several batches average over more prompts (at batch 1, one prompt says little).
-    baseline: the plain (output, seconds) per batch returned by an earlier call on the same
-      batches, so later methods reuse it.
-    repeats: each call is timed `repeats` times after a warm-up; the fastest counts.
+    repeats: per batch, plain and speculative decoding are timed alternately `repeats` times
+      after a warm-up; the fastest of each counts.
 
-  Returns the result (tokens/s = all tokens / all seconds; statistics over every step of every
-  batch) and the plain (output, seconds) per batch.
+  Returns the result: tokens/s = all tokens / all seconds; statistics over every step of every
+  batch; whether greedy outputs are identical in every batch.
   """
   key = jax.random.key(0) if key is None else key
-  if baseline is None:
-    baseline = [_timed(lambda p=p, n=n: generate(
-        model, variables, p, n, max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len,
-        sampling=cfg.sampling, key=key, eos_id=cfg.eos_id, pad_id=cfg.pad_id), repeats)
-        for p, n in prompt_batches]
-  runs = [_timed(lambda p=p, n=n: speculative_generate(model, variables, proposer,
-                                                       proposer_params, p, n, cfg, key), repeats)
-          for p, n in prompt_batches]
+  plain_runs, spec_runs = [], []
+  for prompts, lengths in prompt_batches:
+    plain, spec = _interleaved_best([
+        lambda: generate(model, variables, prompts, lengths, max_new_tokens=cfg.max_new_tokens,
+                         max_len=cfg.max_len, sampling=cfg.sampling, key=key, eos_id=cfg.eos_id,
+                         pad_id=cfg.pad_id),
+        lambda: speculative_generate(model, variables, proposer, proposer_params, prompts,
+                                     lengths, cfg, key)], repeats)
+    plain_runs.append(plain)
+    spec_runs.append(spec)
   tree = proposer.tree
-  n_plain = sum(int(np.sum(np.asarray(out.lengths))) for out, _ in baseline)
-  n_spec = sum(int(np.sum(np.asarray(out.lengths))) for out, _ in runs)
+  n_plain = sum(int(np.sum(np.asarray(out.lengths))) for out, _ in plain_runs)
+  n_spec = sum(int(np.sum(np.asarray(out.lengths))) for out, _ in spec_runs)
   match = (all(np.array_equal(np.asarray(plain.tokens), np.asarray(spec.tokens))
-               for (plain, _), (spec, _) in zip(baseline, runs))
+               for (plain, _), (spec, _) in zip(plain_runs, spec_runs))
            if cfg.sampling.greedy and cfg.acceptance == "lossless" else None)
-  accepted = np.concatenate([np.asarray(out.accepted) for out, _ in runs], axis=1)
-  attempted = np.concatenate([np.asarray(out.attempted) for out, _ in runs], axis=1)
-  result = SpeedupResult(method=method, batch=prompt_batches[0][0].shape[0],
-                         tree_nodes=tree.num_nodes,
-                         stats=speculative_stats(accepted, tree.num_nodes, tree.max_depth,
-                                                 attempted),
-                         tokens_per_second=n_spec / sum(s for _, s in runs),
-                         baseline_tokens_per_second=n_plain / sum(s for _, s in baseline),
-                         outputs_match=match)
-  return result, baseline
+  accepted = np.concatenate([np.asarray(out.accepted) for out, _ in spec_runs], axis=1)
+  attempted = np.concatenate([np.asarray(out.attempted) for out, _ in spec_runs], axis=1)
+  return SpeedupResult(method=method, batch=prompt_batches[0][0].shape[0],
+                       tree_nodes=tree.num_nodes,
+                       stats=speculative_stats(accepted, tree.num_nodes, tree.max_depth,
+                                               attempted),
+                       tokens_per_second=n_spec / sum(s for _, s in spec_runs),
+                       baseline_tokens_per_second=n_plain / sum(s for _, s in plain_runs),
+                       outputs_match=match)
 
 
 __all__ = ["held_out_prompts", "measure_verify_latency", "measure_proposal_latency",

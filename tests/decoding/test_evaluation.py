@@ -63,21 +63,19 @@ def test_proposal_latency_is_measured_per_depth():
 
 
 def test_compare_with_plain_pools_every_batch():
-  """Several batches: tokens, match and statistics cover all of them; the baseline is reused."""
+  """Several batches: tokens, match and statistics cover all of them."""
   model, variables = tiny()
   trainer = HeadTrainer(HeadTrainConfig(kind="medusa", num_heads=2), model, variables)
   params = proposer_params(trainer.heads, trainer.init()[0], variables["params"])
   proposer = make_proposer(trainer.heads, chain(2))
   batches = [pad_prompts([np.array([1, 5, 6, 7])]), pad_prompts([np.array([1, 9, 3, 3])])]
   cfg = SpeculativeConfig(max_new_tokens=7, max_len=16)
-  result, baseline = compare_with_plain(model, variables, "medusa", proposer, params, batches,
-                                        cfg, repeats=1)
-  assert result.outputs_match is True and result.batch == 1 and len(baseline) == 2
+  result = compare_with_plain(model, variables, "medusa", proposer, params, batches, cfg,
+                              repeats=1)
+  assert result.outputs_match is True and result.batch == 1
   accepted = [np.asarray(speculative_generate(model, variables, proposer, params, p, n,
                                               cfg).accepted) for p, n in batches]
   active = np.concatenate([a[a >= 0] for a in accepted])
   assert result.stats.steps == active.size > len(accepted[0][accepted[0] >= 0])
   assert result.stats.tau == pytest.approx(np.mean(active + 1))
-  again, reused = compare_with_plain(model, variables, "medusa", proposer, params, batches,
-                                     cfg, baseline=baseline, repeats=1)
-  assert reused is baseline and again.baseline_tokens_per_second == result.baseline_tokens_per_second
+  assert result.tokens_per_second > 0 and result.baseline_tokens_per_second > 0
