@@ -45,17 +45,17 @@ def held_out_prompts(files: Sequence[str], count: int, prompt_bytes: int, seed: 
   return prompts
 
 
-def _timed(fn, repeats: int):
-  """(output, fastest seconds of `repeats` calls of `fn()` after a warm-up call): the fastest,
-  since the machine may be shared."""
-  jax.block_until_ready(fn())  # compile
-  best = float("inf")
+def _interleaved_best(functions: Sequence, repeats: int) -> list[tuple[Any, float]]:
+  """(output, fastest seconds) of each function, timed in turn `repeats` times after a warm-up
+  call each: interleaving makes a slow spell of a shared machine hit every function."""
+  outputs = [jax.block_until_ready(fn()) for fn in functions]
+  best = [float("inf")] * len(functions)
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = fn()
-    jax.block_until_ready(out)
-    best = min(best, time.perf_counter() - t0)
-  return out, best
+    for i, fn in enumerate(functions):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      best[i] = min(best[i], time.perf_counter() - t0)
+  return list(zip(outputs, best))
 
 
 def _seconds_per_step(step, carry, steps: int, repeats: int) -> float:
@@ -63,7 +63,7 @@ def _seconds_per_step(step, carry, steps: int, repeats: int) -> float:
   as the decoding loops run it (no per-call dispatch; state updated in place, not copied out of
   the call): the fastest of `repeats` runs, divided by `steps`."""
   run = jax.jit(lambda c: jax.lax.fori_loop(0, steps, lambda _, c: step(c), c))
-  _, seconds = _timed(lambda: run(carry), repeats)
+  [(_, seconds)] = _interleaved_best([lambda: run(carry)], repeats)
   return seconds / steps
 
 
@@ -188,19 +188,6 @@ class SpeedupResult:
   @property
   def speedup(self) -> float:
     return self.tokens_per_second / self.baseline_tokens_per_second
-
-
-def _interleaved_best(functions: Sequence, repeats: int) -> list[tuple[Any, float]]:
-  """(output, fastest seconds) of each function, timed in turn `repeats` times after a warm-up
-  call each: interleaving makes a slow spell of a shared machine hit every function."""
-  outputs = [jax.block_until_ready(fn()) for fn in functions]
-  best = [float("inf")] * len(functions)
-  for _ in range(repeats):
-    for i, fn in enumerate(functions):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      best[i] = min(best[i], time.perf_counter() - t0)
-  return list(zip(outputs, best))
 
 
 def compare_with_plain(model: DecoderLM, variables: Any, method: str, proposer, proposer_params,
